@@ -1,0 +1,180 @@
+"""One grid cell end to end: load model, apply routing + precision policy, generate, score, account, write."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import io
+from .data.prompts import build_prompt, get_preset, select_fewshot
+from .data.sources import load_split
+from .engine import generate_greedy
+from .grid import FULL_BITS, Cell, config_hash
+from .model import install_policy, load_model, model_fingerprint
+from .precision import apply_map, build_map, full_expert_bytes, tier_bytes
+from .routing import RoutingContext
+from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
+from .data.gsm8k import gold_answer
+
+log = logging.getLogger(__name__)
+
+
+def hardware_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"evaluate.device is {device!r} but CUDA is not available on this machine")
+    return device
+
+
+def load_quantized_tiers(paths: dict[int, str], model_id: str) -> dict[int, dict]:
+    from .quant import load_quantized
+
+    return {bits: load_quantized(path, {"model_id": str(model_id), "bits": bits})[0] for bits, path in paths.items()}
+
+
+def hotness_order(hotness_path: str) -> dict[int, list[int]]:
+    df = pd.read_parquet(hotness_path).sort_values(["layer", "hotness_rank"])
+    return {int(layer): g["expert"].astype(int).tolist() for layer, g in df.groupby("layer")}
+
+
+def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], hotness_path: str | None,
+                  routing_stats_path: str | None, out_cell: str, out_problems: str, out_layers: str,
+                  threads: int = 1, progress=None) -> dict:
+    """Evaluate `cell` (a grid.Cell dict) under `settings` (model/dataset/prompt/evaluate/seed config sections)."""
+    cell_rec = Cell.from_dict(cell)
+    seed = settings["seed"]
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    ev, ds, pr, mcfg = settings["evaluate"], settings["dataset"], settings["prompt"], settings["model"]
+    device = resolve_device(ev["device"])
+
+    problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
+    preset = get_preset(pr["preset"])
+    fewshot = []
+    if preset.n_shots:
+        fewshot = select_fewshot(preset, load_split(ds, "train", ds.get("fewshot_pool", 1000), seed, "fewshot"), seed)
+    model, tokenizer, adapter = load_model(mcfg["id"], mcfg.get("dtype", "float32"), device, mcfg.get("revision"),
+                                           mcfg.get("trust_remote_code", False))
+    chat = tokenizer if pr.get("chat_template") else None
+    prompts = [build_prompt(preset, p["question"], fewshot, chat_template=chat) for p in problems]
+
+    # Precision first (it rewrites expert weights), then routing (it replaces routers).
+    layers = [l.index for l in adapter.layers()]
+    quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
+    bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
+    hotness = hotness_order(hotness_path) if hotness_path else None
+    pmap = build_map(cell_rec.precision, layers, adapter.num_experts, bytes_by_tier, hotness)
+    apply_map(adapter, pmap, quantized)
+    betas = None
+    if routing_stats_path:
+        betas = {int(k): v for k, v in io.read_json(routing_stats_path)["skip_beta"].items()}
+    context = RoutingContext()
+    install_policy(adapter, cell_rec.routing, context, betas)
+    if cell_rec.precision.policy == "hotcold":
+        context.hot_masks = pmap.hot_masks(cell_rec.precision.bits_high)
+
+    # Warm-up on a few prompts (allocator, thread pools) so the clocks measure steady state.
+    generate_greedy(model, tokenizer, prompts[: min(4, len(prompts))], 4, ev["batch_size"], preset.stop, context, device)
+    repeats = max(1, int(ev.get("repeats", 1)))
+    runs = []
+    for _ in range(repeats):
+        context.reset()
+        completions, timing = generate_greedy(model, tokenizer, prompts, pr["max_new_tokens"], ev["batch_size"],
+                                              preset.stop, context, device)
+        runs.append((completions, timing))
+    completions, timing = runs[-1]  # greedy and deterministic: every repeat yields the same text
+
+    rows = []
+    for p, c in zip(problems, completions):
+        gold = gold_answer(p["answer"])
+        strict = extract_strict(c.text, preset.strict_regex)
+        flexible = extract_flexible(c.text)
+        rows.append({"cell": cell_rec.id, "problem_id": p["id"], "gold": gold, "prediction_strict": strict,
+                     "prediction_flexible": flexible, "correct_strict": exact_match(strict, gold),
+                     "correct_flexible": exact_match(flexible, gold), "correct_numeric": numeric_equal(flexible, gold),
+                     "generated_tokens": c.generated_tokens, "stop_reason": c.stopped, "completion": c.text})
+    problems_df = pd.DataFrame(rows)
+
+    layer_rows = []
+    for layer, s in sorted(context.stats.items()):
+        load = s.load.double()
+        layer_rows.append({"cell": cell_rec.id, "layer": layer, "tokens": s.tokens, "assignments_routed": s.routed,
+                           "assignments_dropped": s.dropped, "experts_per_token": (s.routed - s.dropped) / max(s.tokens, 1),
+                           "load_imbalance": float(load.max() / load.mean()) if load.sum() > 0 else float("nan"),
+                           "hot_hits": s.hot_hits, "load": s.load.tolist()})
+    layers_df = pd.DataFrame(layer_rows)
+
+    n = len(rows)
+    k_strict = int(problems_df["correct_strict"].sum())
+    ci_low, ci_high = wilson_interval(k_strict, n)
+    per_run_tps = [t.generated_tokens / (sum(t.prefill_s) + sum(t.decode_s)) for _, t in runs]
+    routed = int(layers_df["assignments_routed"].sum())
+    dropped = int(layers_df["assignments_dropped"].sum())
+    r, pc = cell_rec.routing, cell_rec.precision
+    import transformers
+
+    summary = {
+        "cell": cell_rec.id, "policy": cell_rec.family, "routing_policy": r.policy,
+        "top_k": r.top_k if r.top_k is not None else adapter.top_k, "native_top_k": adapter.top_k,
+        "capacity_factor": r.capacity_factor, "capacity_priority": r.priority if r.capacity_factor else None,
+        "renormalize": adapter.norm_topk_prob if r.renormalize is None else r.renormalize, "top_p": r.top_p,
+        "skip_beta_mean": statistics.fmean(betas.values()) if (betas and r.policy == "skip") else None,
+        "precision_policy": pc.policy, "bits_high": pc.bits_high, "bits_low": pc.bits_low,
+        "memory_budget": pc.memory_budget, "n": n,
+        "accuracy_strict": k_strict / n, "accuracy_flexible": float(problems_df["correct_flexible"].mean()),
+        "accuracy_numeric": float(problems_df["correct_numeric"].mean()),
+        "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high,
+        "tokens_per_s": statistics.median(per_run_tps), "tokens_per_s_min": min(per_run_tps),
+        "tokens_per_s_max": max(per_run_tps), "repeats": repeats,
+        "decode_tokens_per_s": statistics.median(t.decode_tokens / sum(t.decode_s) for _, t in runs),
+        "ttft_ms": statistics.median(1e3 * statistics.fmean(t.prefill_s) for _, t in runs),
+        "tpot_ms": statistics.median(1e3 * sum(t.decode_s) / max(t.decode_steps, 1) for _, t in runs),
+        "e2e_s": statistics.median(sum(t.prefill_s) + sum(t.decode_s) for _, t in runs),
+        "generated_tokens": timing.generated_tokens, "prompt_tokens": timing.prompt_tokens,
+        "padding_fraction": 1 - timing.prompt_tokens / max(timing.padded_prompt_tokens, 1),
+        "drop_rate": dropped / routed if routed else 0.0,
+        "experts_per_token": float(layers_df["experts_per_token"].mean()),
+        "load_imbalance": float(layers_df["load_imbalance"].mean()),
+        "high_precision_hit_rate": (int(layers_df["hot_hits"].sum()) / max(routed - dropped, 1)
+                                    if pc.policy == "hotcold" else (1.0 if pc.policy == "full" else 0.0)),
+        "expert_weight_bytes": pmap.expert_bytes, "expert_weight_bytes_16bit": pmap.full_bytes,
+        "high_precision_experts": int(sum(int((b == pc.bits_high).sum()) for b in pmap.bits.values())),
+        "batch_size": ev["batch_size"], "max_new_tokens": pr["max_new_tokens"], "prompt_preset": pr["preset"],
+        "n_shots": preset.n_shots, "chat_template": bool(pr.get("chat_template")),
+        "extraction": "lm-eval gsm8k strict-match (preset regex) / flexible-extract; exact_match",
+        "sorted_by_length": True, "engine": "reference", "device": device, "threads": threads,
+        "model": mcfg.get("name") or str(mcfg["id"]), "model_id": str(mcfg["id"]), "dtype": mcfg.get("dtype", "float32"),
+        "dataset": ds["source"], "dataset_split": ds.get("split", "test"), "seed": seed,
+        "config_hash": config_hash(settings, cell), "hardware": hardware_name(device),
+        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+        "mean_prompt_tokens": timing.prompt_tokens / max(n, 1),
+        "mean_generated_tokens": timing.generated_tokens / max(n, 1),
+    }
+    for k in ("top_k", "native_top_k", "bits_high", "bits_low"):
+        summary[k] = int(summary[k])
+    io.write_parquet(out_problems, problems_df)
+    io.write_parquet(out_layers, layers_df)
+    io.write_json(out_cell, summary)  # written last: its presence marks the cell complete
+    log.info("cell %s: accuracy %.3f [%.3f, %.3f], %.1f tok/s", cell_rec.id, summary["accuracy_strict"], ci_low,
+             ci_high, summary["tokens_per_s"])
+    return summary

@@ -1,0 +1,174 @@
+"""The sweep grid: config → ordered list of frozen cell records with stable, readable ids.
+
+A cell is one point of the grid: a routing policy × a precision policy, evaluated under the config's
+shared evaluation settings. This module is the one definition of what a cell is; the Snakefile uses the
+ids as the evaluate rule's only wildcard, the evaluate stage receives the record, and the record's fields
+become columns of `cells.parquet`. Parse-time cheap: no torch import.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+
+ROUTING_POLICIES = ("native", "topk", "skip", "top_p")
+PRECISION_POLICIES = ("full", "uniform", "hotcold")
+PRIORITIES = ("token_order", "score")
+QUANT_BITS = (2, 3, 4, 8)
+FULL_BITS = 16
+
+
+class GridError(ValueError):
+    """The grid section of the config is invalid; the message names the entry and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    policy: str = "native"
+    top_k: int | None = None  # None = the checkpoint's own k
+    capacity_factor: float | None = None  # None = dropless
+    priority: str = "token_order"
+    renormalize: bool | None = None  # None = as the checkpoint's norm_topk_prob says
+    top_p: float | None = None
+
+    def slug(self) -> str:
+        if self.policy == "native":
+            base = "native"
+        elif self.policy == "topk":
+            base = f"top{self.top_k}"
+        elif self.policy == "skip":
+            base = "skip"
+        else:
+            base = f"topp{self.top_p:g}"
+        if self.capacity_factor is not None:
+            base += f"-cf{self.capacity_factor:g}"
+            if self.priority == "score":
+                base += "-bpr"
+        if self.renormalize is not None and self.policy != "native":
+            base += "-renorm" if self.renormalize else "-norenorm"
+        return base
+
+
+@dataclass(frozen=True)
+class Precision:
+    policy: str = "full"
+    bits_high: int = FULL_BITS
+    bits_low: int = FULL_BITS
+    memory_budget: float | None = None  # fraction of the unquantized (16-bit) expert-weight bytes
+
+    def slug(self) -> str:
+        if self.policy == "full":
+            return "w16"
+        if self.policy == "uniform":
+            return f"w{self.bits_low}"
+        return f"hot{self.bits_high}-cold{self.bits_low}-b{self.memory_budget:g}"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Quantized widths this cell reads from the quantize stage."""
+        return tuple(sorted({b for b in (self.bits_high, self.bits_low) if b != FULL_BITS}))
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    family: str
+    routing: Routing
+    precision: Precision
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "family": self.family, "routing": asdict(self.routing), "precision": asdict(self.precision)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Cell":
+        return Cell(d["id"], d["family"], Routing(**d["routing"]), Precision(**d["precision"]))
+
+
+def _expand(params: dict) -> list[dict]:
+    """Cartesian product over list-valued parameters (scalars stay fixed); key order is kept."""
+    keys = list(params)
+    values = [v if isinstance(v, list) else [v] for v in params.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _routing(spec: dict, where: str) -> Routing:
+    policy = spec.get("policy")
+    if policy not in ROUTING_POLICIES:
+        raise GridError(f"{where}: unknown routing policy {policy!r}; allowed: {', '.join(ROUTING_POLICIES)}")
+    r = Routing(**spec)
+    if r.policy == "topk" and (not isinstance(r.top_k, int) or r.top_k < 1):
+        raise GridError(f"{where}: top_k must be an integer ≥ 1 for policy 'topk', got {r.top_k!r}")
+    if r.policy != "topk" and r.top_k is not None:
+        raise GridError(f"{where}: top_k is only allowed with policy 'topk' (got policy {r.policy!r})")
+    if r.capacity_factor is not None and not r.capacity_factor > 0:
+        raise GridError(f"{where}: capacity_factor must be > 0 or null (dropless), got {r.capacity_factor!r}")
+    if r.priority not in PRIORITIES:
+        raise GridError(f"{where}: priority must be one of {PRIORITIES}, got {r.priority!r}")
+    if (r.policy == "top_p") != (r.top_p is not None):
+        raise GridError(f"{where}: top_p (in (0, 1]) is required by, and only allowed with, policy 'top_p'")
+    if r.top_p is not None and not 0 < r.top_p <= 1:
+        raise GridError(f"{where}: top_p must be in (0, 1], got {r.top_p!r}")
+    return r
+
+
+def _precision(spec: dict, where: str) -> Precision:
+    policy = spec.get("policy")
+    if policy == "full":
+        return Precision()
+    if policy == "uniform":
+        bits = spec.get("bits")
+        if bits not in QUANT_BITS:
+            raise GridError(f"{where}: uniform precision bits must be one of {QUANT_BITS}, got {bits!r}")
+        return Precision("uniform", bits, bits, None)
+    if policy == "hotcold":
+        hi, lo, budget = spec.get("bits_high"), spec.get("bits_low"), spec.get("memory_budget")
+        if hi not in QUANT_BITS + (FULL_BITS,) or lo not in QUANT_BITS or lo >= hi:
+            raise GridError(f"{where}: hotcold needs bits_high in {QUANT_BITS + (FULL_BITS,)} and bits_low in "
+                            f"{QUANT_BITS} with bits_low < bits_high, got ({hi!r}, {lo!r})")
+        if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise GridError(f"{where}: memory_budget must be a fraction in (0, 1] of the 16-bit expert bytes, got {budget!r}")
+        return Precision("hotcold", hi, lo, float(budget))
+    raise GridError(f"{where}: unknown precision policy {policy!r}; allowed: {', '.join(PRECISION_POLICIES)}")
+
+
+def expand_grid(grid: list[dict]) -> list[Cell]:
+    """Expand the config's `grid` entries into cells, in config order, refusing duplicates and an empty grid."""
+    if not grid:
+        raise GridError("grid: empty; list at least one entry (see config/README.md)")
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(grid):
+        family = entry.get("family") or f"entry{i}"
+        where = f"grid[{i}] ({family})"
+        for r_params in _expand(dict(entry.get("routing", {"policy": "native"}))):
+            routing = _routing(r_params, where)
+            for p_params in _expand(dict(entry.get("precision", {"policy": "full"}))):
+                precision = _precision(p_params, where)
+                cell_id = f"{routing.slug()}-{precision.slug()}"
+                if cell_id in seen:
+                    raise GridError(f"{where}: cell {cell_id!r} is already produced by {seen[cell_id]}; remove the duplicate")
+                seen[cell_id] = where
+                cells.append(Cell(cell_id, family, routing, precision))
+    return cells
+
+
+def config_hash(*parts) -> str:
+    """Short stable hash of JSON-serialisable parts (sorted keys), recorded in every result row."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_cells_against_model(cells: list[Cell], model_id: str) -> None:
+    """Checks that need the checkpoint's config (local directories only; hub ids are checked when loaded)."""
+    from pathlib import Path
+
+    cfg_path = Path(model_id) / "config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    native_k = cfg.get("num_experts_per_tok")
+    for c in cells:
+        if c.routing.top_k is not None and native_k is not None and c.routing.top_k > native_k:
+            raise GridError(f"cell {c.id}: top_k={c.routing.top_k} exceeds the checkpoint's "
+                            f"num_experts_per_tok={native_k}; allowed: 1..{native_k}")

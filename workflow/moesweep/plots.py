@@ -1,0 +1,138 @@
+"""Figures, drawn from the Parquet tables only (never from live objects), saved as PNG and SVG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    for p in (Path(path), Path(path).with_suffix(".svg")):
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=p.suffix[1:])
+    plt.close(fig)
+
+
+def _subtitle(cells: pd.DataFrame) -> str:
+    c = cells.iloc[0]
+    return (f"{c['model']} · {c['dataset']} (n={c['n']}, {c['prompt_preset']}) · batch {c['batch_size']} · "
+            f"{c['hardware']}")
+
+
+def pareto(cells: pd.DataFrame, path: str) -> None:
+    """Accuracy vs tokens/s with Wilson 95 % intervals; the Pareto frontier as a step line."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(9, 6))
+    families = list(dict.fromkeys(cells["policy"]))
+    palette = dict(zip(families, sns.color_palette("tab10", len(families))))
+    markers = dict(zip(families, "os^DvP*Xh<>"))
+    for fam in families:
+        d = cells[cells["policy"] == fam]
+        ax.errorbar(d["tokens_per_s"], 100 * d["accuracy_strict"],
+                    yerr=[100 * (d["accuracy_strict"] - d["accuracy_ci_low"]), 100 * (d["accuracy_ci_high"] - d["accuracy_strict"])],
+                    fmt=markers[fam], color=palette[fam], label=fam, ms=8, capsize=3, alpha=0.9)
+    front = cells[cells["pareto"]].sort_values("tokens_per_s")
+    ax.plot(front["tokens_per_s"], 100 * front["accuracy_strict"], "--", color="black", lw=1.2, label="Pareto frontier", zorder=0)
+    for _, r in cells.iterrows():
+        ax.annotate(r["cell"], (r["tokens_per_s"], 100 * r["accuracy_strict"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points", color="black" if r["pareto"] else "dimgray")
+    ax.set_xlabel("tokens / s (median over repeats)")
+    ax.set_ylabel("accuracy, strict match (%) ± Wilson 95 %")
+    ax.set_title("Accuracy vs throughput per grid cell\n" + _subtitle(cells), fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def capacity_factor(cells: pd.DataFrame, path: str) -> None:
+    """Accuracy, tokens/s and drop rate against capacity factor, one line per k′, native point marked."""
+    sns.set_theme(style="whitegrid")
+    d = cells[(cells["routing_policy"] == "topk") & (cells["precision_policy"] == "full")].copy()
+    native = cells[(cells["routing_policy"] == "native") & (cells["precision_policy"] == "full")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    if d.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no top-k′ cells at full precision in this grid", ha="center", transform=ax.transAxes)
+        _save(fig, path)
+        return
+    finite = sorted(d["capacity_factor"].dropna().unique())
+    none_x = (max(finite) * 1.5) if finite else 1.0  # dropless drawn to the right of the largest CF
+    d["cf_x"] = d["capacity_factor"].fillna(none_x)
+    for k, g in d.sort_values("cf_x").groupby("top_k"):
+        g = g.sort_values("cf_x")
+        axes[0].errorbar(g["cf_x"], 100 * g["accuracy_strict"], yerr=[100 * (g["accuracy_strict"] - g["accuracy_ci_low"]),
+                         100 * (g["accuracy_ci_high"] - g["accuracy_strict"])], marker="o", capsize=3, label=f"top-{k}")
+        axes[1].plot(g["cf_x"], g["tokens_per_s"], marker="o", label=f"top-{k}")
+        axes[2].plot(g["cf_x"], 100 * g["drop_rate"], marker="o", label=f"top-{k}")
+    if not native.empty:
+        n = native.iloc[0]
+        axes[0].axhline(100 * n["accuracy_strict"], color="black", ls="--", lw=1, label=f"native top-{n['top_k']}")
+        axes[1].axhline(n["tokens_per_s"], color="black", ls="--", lw=1, label=f"native top-{n['top_k']}")
+    ticks = finite + [none_x]
+    for ax, ylabel in zip(axes, ("accuracy, strict (%)", "tokens / s", "assignments dropped (%)")):
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["none"])
+        ax.set_xlabel("capacity factor (none = dropless)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("Top-k′ routing under expert capacity limits · " + _subtitle(cells), fontsize=10)
+    _save(fig, path)
+
+
+def hotness(profile: pd.DataFrame, path: str) -> None:
+    """Routed probability share per (layer, expert); experts sorted hottest-first within each layer."""
+    sns.set_theme(style="white")
+    wide = profile.pivot(index="layer", columns="expert", values="prob_share")
+    sorted_rows = np.sort(wide.to_numpy(), axis=1)[:, ::-1]
+    E = sorted_rows.shape[1]
+    top_quarter = sorted_rows[:, : max(1, E // 4)].sum(axis=1).mean()
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(wide) + 2.5), gridspec_kw={"width_ratios": [1, 1]})
+    sns.heatmap(100 * wide, ax=axes[0], cmap="magma", cbar_kws={"label": "share of routed probability mass (%)"})
+    axes[0].set_title("by expert id")
+    sns.heatmap(100 * pd.DataFrame(sorted_rows, index=wide.index), ax=axes[1], cmap="magma",
+                cbar_kws={"label": "share (%)"})
+    axes[1].set_title("sorted hottest → coldest")
+    axes[1].set_xlabel("hotness rank")
+    fig.suptitle(f"Expert hotness (profile stage): the hottest 25 % of experts get {100 * top_quarter:.0f} % of the "
+                 f"routed mass on average (uniform = 25 %)", fontsize=10)
+    _save(fig, path)
+
+
+def quant_error(errors: pd.DataFrame, path: str) -> None:
+    """Relative output error per (layer, expert) for each width, projections averaged."""
+    sns.set_theme(style="white")
+    widths = sorted(errors["bits"].unique(), reverse=True)
+    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 0.5 * errors["layer"].nunique() + 2.5), squeeze=False)
+    for ax, bits in zip(axes[0], widths):
+        d = errors[errors["bits"] == bits].groupby(["layer", "expert"])["relative_error"].mean().unstack()
+        sns.heatmap(d, ax=ax, cmap="viridis", cbar_kws={"label": "relative output error"})
+        ax.set_title(f"{bits}-bit (median {d.stack().median():.3f})")
+    fig.suptitle("Per-expert quantization error on held-out calibration tokens", fontsize=10)
+    _save(fig, path)
+
+
+def precision_budget(cells: pd.DataFrame, path: str) -> None:
+    """Accuracy and expert-weight memory of each precision policy (full, uniform widths, hot/cold budgets)."""
+    sns.set_theme(style="whitegrid")
+    d = cells[cells["routing_policy"] == "native"].copy()
+    d["memory_fraction"] = d["expert_weight_bytes"] / d["expert_weight_bytes_16bit"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for pol, g in d.groupby("precision_policy"):
+        g = g.sort_values("memory_fraction")
+        ax.errorbar(100 * g["memory_fraction"], 100 * g["accuracy_strict"],
+                    yerr=[100 * (g["accuracy_strict"] - g["accuracy_ci_low"]), 100 * (g["accuracy_ci_high"] - g["accuracy_strict"])],
+                    marker="o", capsize=3, label=pol, ls="-" if len(g) > 1 else "none")
+        for _, r in g.iterrows():
+            ax.annotate(r["cell"].replace("native-", ""), (100 * r["memory_fraction"], 100 * r["accuracy_strict"]),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("resident expert-weight bytes (% of 16-bit)")
+    ax.set_ylabel("accuracy, strict (%)")
+    ax.set_title("Accuracy vs expert memory, native routing · " + _subtitle(cells), fontsize=10)
+    ax.legend()
+    _save(fig, path)

@@ -1,0 +1,100 @@
+"""Expert precision maps under a memory budget, and applying them to a model (reference path).
+
+A precision map assigns each (layer, expert) a width: 16 (the checkpoint's weights) or a quantized width
+from the quantize stage. On the reference path the chosen version of each expert is materialised into the
+fused expert tensors (dequantised on load), which is numerically what a weight-only kernel computes.
+Memory accounting uses the exact packed bytes of each expert version (16-bit = 2 bytes per weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import FULL_BITS, Precision
+
+
+class BudgetError(ValueError):
+    """A memory budget that no precision map of the requested tiers can meet."""
+
+
+@dataclass
+class PrecisionMap:
+    bits: dict[int, torch.Tensor]  # layer -> [E] int width per expert
+    expert_bytes: int  # resident expert-weight bytes of this map
+    full_bytes: int  # the same experts at 16 bit
+    budget_bytes: int | None
+
+    def hot_masks(self, high: int) -> dict[int, torch.Tensor]:
+        return {layer: b == high for layer, b in self.bits.items()}
+
+
+def full_expert_bytes(adapter) -> dict[int, torch.Tensor]:
+    """Bytes per expert per layer at 16 bit: gate_up + down weights × 2 bytes."""
+    out = {}
+    for l in adapter.layers():
+        per_expert = (l.experts.gate_up_proj[0].numel() + l.experts.down_proj[0].numel()) * 2
+        out[l.index] = torch.full((adapter.num_experts,), per_expert, dtype=torch.long)
+    return out
+
+
+def tier_bytes(quantized: dict[int, dict], layers: list[int], full: dict[int, torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
+    """bytes[bits][layer] = [E] exact bytes per expert version; `quantized[bits]` = loaded quant file."""
+    from .quant import expert_nbytes
+
+    out = {FULL_BITS: full}
+    for bits, tensors in quantized.items():
+        out[bits] = {i: expert_nbytes(tensors[f"layers.{i}.gate_up_proj"]) + expert_nbytes(tensors[f"layers.{i}.down_proj"])
+                     for i in layers}
+    return out
+
+
+def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_by_tier, hotness=None) -> PrecisionMap:
+    """Uniform or hot/cold map. Hot/cold: per layer the largest N such that the N hottest experts (by profiled
+    routed probability mass) at bits_high and the rest at bits_low fit the layer's share of the budget
+    (budget × 16-bit bytes, split uniformly over layers)."""
+    full = bytes_by_tier[FULL_BITS]
+    full_total = int(sum(int(full[i].sum()) for i in layers))
+    if precision.policy == "full":
+        bits = {i: torch.full((num_experts,), FULL_BITS) for i in layers}
+        return PrecisionMap(bits, full_total, full_total, None)
+    if precision.policy == "uniform":
+        bits = {i: torch.full((num_experts,), precision.bits_low) for i in layers}
+        used = sum(int(bytes_by_tier[precision.bits_low][i].sum()) for i in layers)
+        return PrecisionMap(bits, used, full_total, None)
+
+    hi, lo = precision.bits_high, precision.bits_low
+    bits, used = {}, 0
+    for i in layers:
+        budget = precision.memory_budget * int(full[i].sum())
+        order = hotness[i]  # expert ids, hottest first
+        b_hi, b_lo = bytes_by_tier[hi][i], bytes_by_tier[lo][i]
+        layer_bits = torch.full((num_experts,), lo)
+        cost = int(b_lo.sum())
+        if cost > budget:
+            raise BudgetError(f"memory_budget {precision.memory_budget:g} is below the smallest feasible for tiers "
+                              f"({hi}, {lo}): all experts of layer {i} at {lo} bit need {cost / int(full[i].sum()):.4f} "
+                              f"of the 16-bit bytes")
+        for e in order:
+            extra = int(b_hi[e]) - int(b_lo[e])
+            if cost + extra > budget:
+                break
+            layer_bits[e] = hi
+            cost += extra
+        bits[i], used = layer_bits, used + cost
+    return PrecisionMap(bits, used, full_total, int(precision.memory_budget * full_total))
+
+
+@torch.no_grad()
+def apply_map(adapter, pmap: PrecisionMap, quantized: dict[int, dict]) -> None:
+    """Materialise each expert's chosen version into the model's fused tensors (dequantised)."""
+    from .quant import dequantize
+
+    for l in adapter.layers():
+        widths = pmap.bits[l.index]
+        for bits in sorted(set(widths.tolist()) - {FULL_BITS}):
+            experts = (widths == bits).nonzero().flatten()
+            for name in ("gate_up_proj", "down_proj"):
+                target = getattr(l.experts, name)
+                dq = dequantize(quantized[bits][f"layers.{l.index}.{name}"], dtype=target.dtype)
+                target[experts] = dq[experts].to(target.device)

@@ -1,0 +1,60 @@
+"""Aggregation of per-cell outputs into the summary tables (the results contract)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from . import io
+from .scoring import mcnemar_exact_p
+
+REFERENCE = ("native", "full")  # (routing_policy, precision_policy) of the reference cell
+
+
+def pareto_mask(accuracy: pd.Series, speed: pd.Series) -> pd.Series:
+    """True where no other cell is at least as accurate and as fast, and strictly better in one."""
+    a, s = accuracy.to_numpy(), speed.to_numpy()
+    out = []
+    for i in range(len(a)):
+        dominated = ((a >= a[i]) & (s >= s[i]) & ((a > a[i]) | (s > s[i]))).any()
+        out.append(not dominated)
+    return pd.Series(out, index=accuracy.index)
+
+
+def mcnemar_vs_reference(cells: pd.DataFrame, problems: pd.DataFrame) -> pd.Series:
+    ref = cells[(cells.routing_policy == REFERENCE[0]) & (cells.precision_policy == REFERENCE[1])]
+    if ref.empty:
+        return pd.Series([None] * len(cells), index=cells.index, dtype="float64")
+    ref_id = ref.iloc[0]["cell"]
+    wide = problems.pivot(index="problem_id", columns="cell", values="correct_strict")
+    p = []
+    for cid in cells["cell"]:
+        b = int((wide[ref_id] & ~wide[cid]).sum())  # reference right, cell wrong
+        c = int((~wide[ref_id] & wide[cid]).sum())
+        p.append(mcnemar_exact_p(b, c))
+    return pd.Series(p, index=cells.index, dtype="float64")
+
+
+def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list[str], out_cells: str,
+              out_problems: str, out_layers: str, out_csv: str) -> pd.DataFrame:
+    cells = pd.DataFrame([json.loads(Path(p).read_text()) for p in cell_jsons])
+    problems = pd.concat([pd.read_parquet(p) for p in problem_files], ignore_index=True)
+    layers = pd.concat([pd.read_parquet(p) for p in layer_files], ignore_index=True)
+    if cells["n"].nunique() != 1:
+        raise ValueError(f"cells were evaluated on different numbers of problems: {sorted(cells['n'].unique())}")
+    cells["capacity_factor"] = cells["capacity_factor"].astype("float64")
+    cells["memory_budget"] = cells["memory_budget"].astype("float64")
+    cells["pareto"] = pareto_mask(cells["accuracy_strict"], cells["tokens_per_s"])
+    cells["p_vs_reference"] = mcnemar_vs_reference(cells, problems)
+    io.write_parquet(out_cells, cells)
+    io.write_parquet(out_problems, problems)
+    io.write_parquet(out_layers, layers)
+    io.write_text(out_csv, cells.to_csv(index=False))
+    return cells
+
+
+def aggregate_quant_errors(files: list[str], out: str) -> pd.DataFrame:
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    io.write_parquet(out, df)
+    return df

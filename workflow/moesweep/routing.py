@@ -1,0 +1,209 @@
+"""Routing policies for MoE layers: native top-k, top-k′, capacity factor, dynamic skipping, top-p.
+
+`route` is a pure function on router probabilities; `PolicyRouter` wraps a model's router with it and
+keeps per-layer accounting. Dropped assignments carry the sentinel expert index E (== num_experts) and
+weight 0: the experts implementation skips them (no weight read, no NaN), and the residual stream carries
+the token. Semantics (documented for users in config/README.md):
+
+* native   — the checkpoint's own top-k; renormalised exactly as its `norm_topk_prob` says.
+* topk     — top-k′ (k′ ≤ k); renormalised per `renormalize` (None = as the checkpoint).
+* skip     — arXiv 2402.14800 generalised to k: drop ranked expert j > 1 when w_j < β·w_1, β per layer
+             from calibration (median of w_2/w_1).
+* top_p    — the smallest prefix of the ranked experts whose probability mass reaches p (≥ 1, ≤ k).
+* capacity — on top of any of the above: capacity per expert per forward call
+             C = ceil(CF · T · k′ / E), T = valid (non-padding, live) tokens in that call. Assignments past C
+             are dropped in priority order: `token_order` ranks all first choices before all second choices,
+             each in token order (Switch/GShard); `score` ranks by router probability (batch-prioritised
+             routing), ties by that same token order. Renormalisation happens before capacity drops, as in
+             Switch Transformer: a dropped assignment just loses its share.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import Routing
+
+
+@dataclass
+class LayerRoutingStats:
+    """Accumulated over every forward call of one evaluation (prefill and decode)."""
+
+    num_experts: int
+    tokens: int = 0  # valid tokens routed through this layer
+    routed: int = 0  # assignments chosen by the policy (before capacity)
+    dropped: int = 0  # of those, dropped by capacity
+    hot_hits: int = 0  # kept assignments to experts currently at high precision
+    load: torch.Tensor = field(default=None)  # kept assignments per expert
+
+    def __post_init__(self):
+        if self.load is None:
+            self.load = torch.zeros(self.num_experts, dtype=torch.long)
+
+
+class RoutingContext:
+    """State shared by the routers of one model: which tokens of the current call are real, and stats.
+
+    The generation loop sets `valid` before every forward call (padding and finished sequences are not
+    tokens of the batch, so they neither use capacity nor count in the accounting).
+    """
+
+    def __init__(self):
+        self.valid: torch.Tensor | None = None
+        self.stats: dict[int, LayerRoutingStats] = {}
+        self.hot_masks: dict[int, torch.Tensor] = {}
+        self.record = True
+
+    def reset(self):
+        self.stats.clear()
+
+
+def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
+    return math.ceil(capacity_factor * tokens * k / num_experts)
+
+
+def _capacity_keep(idx, probs_sel, keep, cap: int, priority: str, num_experts: int) -> torch.Tensor:
+    """Keep at most `cap` of the kept assignments per expert, in priority order. Returns the new keep mask."""
+    T, k = idx.shape
+    # Assignment (t, j) gets token-order key j*T + t: all first choices, then all second choices, ...
+    token_key = (torch.arange(k, device=idx.device)[None, :] * T + torch.arange(T, device=idx.device)[:, None]).flatten()
+    if priority == "score":
+        # Stable sort by descending probability; equal probabilities keep token order.
+        order = torch.sort(token_key, stable=True).indices
+        order = order[torch.sort(-probs_sel.flatten()[order].float(), stable=True).indices]
+    else:
+        order = torch.sort(token_key, stable=True).indices
+    experts = idx.flatten()[order]
+    kept = keep.flatten()[order]
+    onehot = F.one_hot(experts, num_experts) * kept[:, None].long()
+    position = onehot.cumsum(0).gather(1, experts[:, None]).squeeze(1)  # 1-based rank within the expert
+    new_keep_sorted = kept & (position <= cap)
+    new_keep = torch.empty_like(new_keep_sorted)
+    new_keep[order] = new_keep_sorted
+    return new_keep.view(T, k)
+
+
+def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool,
+          valid: torch.Tensor | None = None, skip_beta: float | None = None):
+    """Apply a routing policy to router probabilities [T, E] (float32).
+
+    Returns (top_k_index [T, k′] long with sentinel E for dropped, top_k_weights [T, k′] float32,
+    keep_before_capacity [T, k′] bool, keep [T, k′] bool).
+    """
+    T, E = probs.shape
+    if policy.policy == "topk":
+        if policy.top_k > native_k:
+            raise ValueError(f"top_k={policy.top_k} exceeds the checkpoint's k={native_k}")
+        k = policy.top_k
+    else:
+        k = native_k
+    renorm = native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
+
+    weights, index = torch.topk(probs, k, dim=-1)
+    keep = torch.ones_like(index, dtype=torch.bool)
+    if policy.policy == "skip":
+        if skip_beta is None:
+            raise ValueError("skip policy needs a per-layer beta from the calibration stage")
+        keep[:, 1:] = weights[:, 1:] >= skip_beta * weights[:, :1]
+    elif policy.policy == "top_p":
+        mass_before = weights.cumsum(-1) - weights  # keep j while the mass of the experts ranked above it < p
+        keep = mass_before < policy.top_p
+        keep[:, 0] = True
+    if valid is not None:
+        keep &= valid[:, None]
+
+    probs_sel = weights
+    if renorm:
+        if bool(keep.all()):
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # bit-identical to the HF router
+        else:
+            masked = weights * keep
+            weights = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
+    weights = weights * keep if not bool(keep.all()) else weights
+
+    keep_policy = keep
+    if policy.capacity_factor is not None:
+        tokens = int(valid.sum()) if valid is not None else T
+        cap = capacity(policy.capacity_factor, tokens, k, E)
+        keep = _capacity_keep(index, probs_sel, keep, cap, policy.priority, E)
+        weights = weights * keep
+    index = torch.where(keep, index, torch.full_like(index, E))
+    return index, weights, keep_policy, keep
+
+
+class PolicyRouter(nn.Module):
+    """Drop-in replacement for a model's top-k router module; same weight, same (logits, weights, index) output."""
+
+    def __init__(self, weight: nn.Parameter, native_k: int, native_norm: bool, layer: int,
+                 policy: Routing, context: RoutingContext, skip_beta: float | None = None):
+        super().__init__()
+        self.weight = weight
+        self.native_k, self.native_norm, self.layer = native_k, native_norm, layer
+        self.policy, self.context, self.skip_beta = policy, context, skip_beta
+        self.num_experts = weight.shape[0]
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.weight.shape[1])
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        valid = self.context.valid
+        if valid is not None and valid.shape[0] != probs.shape[0]:
+            raise RuntimeError(f"routing context has {valid.shape[0]} valid flags for {probs.shape[0]} tokens")
+        index, weights, keep_policy, keep = route(probs, self.policy, self.native_k, self.native_norm,
+                                                  valid, self.skip_beta)
+        if self.context.record:
+            self._account(index, keep_policy, keep, valid, probs.shape[0])
+        return router_logits, weights.to(router_logits.dtype), index
+
+    @torch.no_grad()
+    def _account(self, index, keep_policy, keep, valid, T):
+        stats = self.context.stats.setdefault(self.layer, LayerRoutingStats(self.num_experts))
+        stats.tokens += int(valid.sum()) if valid is not None else T
+        stats.routed += int(keep_policy.sum())
+        stats.dropped += int((keep_policy & ~keep).sum())
+        kept_experts = index[keep]
+        stats.load += torch.bincount(kept_experts, minlength=self.num_experts).cpu()
+        hot = self.context.hot_masks.get(self.layer)
+        if hot is not None:
+            stats.hot_hits += int(hot[kept_experts].sum())
+
+
+def sparse_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Experts forward that skips sentinel (dropped) assignments and reads only the experts hit.
+
+    Written here rather than using transformers' `eager`, which crashes on the sentinel index in 5.17
+    (one_hot with num_classes=E), and `batched_mm`/`grouped_mm`, which compute dropped assignments on a
+    clamped expert and multiply by zero (weight reads for nothing, NaN if that output is not finite).
+    An optional observer (calibration) sees each expert's inputs and intermediate activations.
+    """
+    num_experts = self.num_experts
+    T, k = top_k_index.shape
+    out = torch.zeros_like(hidden_states)
+    flat_expert = top_k_index.reshape(-1)
+    live = flat_expert < num_experts
+    token = torch.arange(T, device=hidden_states.device).repeat_interleave(k)[live]
+    expert = flat_expert[live]
+    weight = top_k_weights.reshape(-1)[live]
+    # Group assignments by expert, keeping token order inside each group.
+    order = torch.sort(expert, stable=True).indices
+    token, expert, weight = token[order], expert[order], weight[order]
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    observer = getattr(self, "moesweep_observer", None)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token[start:start + n]
+        x = hidden_states[rows]
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        if observer is not None:
+            observer(self.moesweep_layer, e, x, h)
+        y = F.linear(h, self.down_proj[e]) * weight[start:start + n, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+        start += n
+    return out

@@ -1,0 +1,33 @@
+rule aggregate:
+    """All cells into the summary tables (Parquet + a wide CSV), with Pareto flags and McNemar p-values."""
+    input:
+        cells=cell_outputs("cell.json"),
+        problems=cell_outputs("problems.parquet"),
+        layers=cell_outputs("layers.parquet"),
+    output:
+        cells=report("results/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
+        problems="results/summary/problems.parquet",
+        layers="results/summary/layers.parquet",
+        csv=report("results/summary/cells.csv", caption="../report/cells.rst", category="Tables"),
+    log:
+        "logs/aggregate.log",
+    benchmark:
+        "benchmarks/rules/aggregate.tsv"
+    script:
+        "../scripts/aggregate.py"
+
+
+rule plot_trade_off:
+    """Figures of the trade-off, drawn from the summary table only."""
+    input:
+        "results/summary/cells.parquet",
+    output:
+        pareto=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
+        capacity=report("results/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
+        budget=report("results/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
+    log:
+        "logs/plot_trade_off.log",
+    benchmark:
+        "benchmarks/rules/plot_trade_off.tsv"
+    script:
+        "../scripts/plot_trade_off.py"

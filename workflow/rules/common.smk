@@ -1,0 +1,78 @@
+# Config validation and grid expansion. Parse-time cheap on purpose: no torch import here (the slurm
+# executor re-parses the Snakefile inside every job).
+import json
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from moesweep.grid import FULL_BITS, GridError, check_cells_against_model, expand_grid  # noqa: E402
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+try:
+    CELLS = expand_grid(config["grid"])
+    check_cells_against_model(CELLS, config["model"]["id"])
+except GridError as err:
+    raise WorkflowError(f"invalid config: {err}")
+CELL_BY_ID = {c.id: c for c in CELLS}
+METHOD = config["quantization"]["method"]
+# Widths the quantize stage produces: those listed in the config and those any cell needs.
+WIDTHS = sorted(set(config["quantization"]["bits"]) | {b for c in CELLS for b in c.precision.widths})
+
+
+wildcard_constraints:
+    cell="|".join(map(re.escape, CELL_BY_ID)) if CELL_BY_ID else "NONE",
+    bits="2|3|4|8",
+    method="gptq|rtn",
+
+
+def model_files():
+    """The checkpoint's files as inputs (local directories only), so a changed model reruns every stage."""
+    root = Path(config["model"]["id"])
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if p.suffix in (".json", ".safetensors"))
+
+
+def stage_settings():
+    """The config sections an evaluation depends on (params: changing one reruns the cells)."""
+    return {k: config[k] for k in ("seed", "model", "dataset", "prompt", "evaluate")}
+
+
+def quantized_file(bits):
+    return f"results/quantization/{METHOD}-w{bits}.safetensors"
+
+
+def evaluate_inputs(wildcards):
+    cell = CELL_BY_ID[wildcards.cell]
+    inputs = {"model": model_files()}
+    for bits in cell.precision.widths:
+        inputs[f"w{bits}"] = quantized_file(bits)
+    if cell.precision.policy == "hotcold":
+        inputs["hotness"] = "results/profile/hotness.parquet"
+    if cell.routing.policy == "skip":
+        inputs["routing_stats"] = "results/calibration/routing_stats.json"
+    return inputs
+
+
+def cell_outputs(name):
+    return expand(f"results/cells/{{cell}}/{name}", cell=list(CELL_BY_ID))
+
+
+def all_outputs():
+    return [
+        "results/summary/cells.parquet",
+        "results/summary/problems.parquet",
+        "results/summary/layers.parquet",
+        "results/summary/cells.csv",
+        "results/quantization/error.parquet",
+        "results/figures/pareto.png",
+        "results/figures/capacity_factor.png",
+        "results/figures/precision_budget.png",
+        "results/figures/hotness.png",
+        "results/figures/quant_error.png",
+    ]

@@ -1,0 +1,8 @@
+"""Rule aggregate → moesweep.results.aggregate."""
+from moesweep.logs import log_to
+from moesweep.results import aggregate
+
+with log_to(snakemake.log[0]):
+    o = snakemake.output
+    aggregate(list(snakemake.input.cells), list(snakemake.input.problems), list(snakemake.input.layers),
+              o.cells, o.problems, o.layers, o.csv)
