@@ -13,6 +13,7 @@ and where the time of one width goes (grid, Hessian factorisation, GPTQ block lo
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -38,13 +39,18 @@ def correlated_hessian(n_in: int, n_experts: int, seed: int):
     return x, h, torch.full((n_experts,), tokens)
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds per function; one untimed warm-up each, then the functions take turns so that load
+    from other processes on the machine hits all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def breakdown(w, h, counts, spec):
@@ -69,9 +75,10 @@ def bench_layer(name, E, H, I, group_size, repeats, seed=0):
         w = torch.randn(E, out, n_in, generator=torch.Generator().manual_seed(seed + 1)) * 0.02
         x, h, counts = correlated_hessian(n_in, E, seed)
         specs = [QuantSpec(b, group_size) for b in WIDTHS]
-        one = median_time(lambda: quantize_experts(w, h, counts, specs[2]), repeats)
-        naive = median_time(lambda: [quantize_experts(w, h, counts, s) for s in specs], repeats)
-        shared = median_time(lambda: quantize_experts_widths(w, h, counts, specs), repeats)
+        t = median_times({"one": lambda: quantize_experts(w, h, counts, specs[2]),
+                          "naive": lambda: [quantize_experts(w, h, counts, s) for s in specs],
+                          "shared": lambda: quantize_experts_widths(w, h, counts, specs)}, repeats)
+        one, naive, shared = t["one"], t["naive"], t["shared"]
         parts = breakdown(w, h, counts, specs[2])
         err = {}
         if out * n_in * E <= 1 << 22:  # output error of GPTQ vs RTN on the small shapes only (cheap)
@@ -110,7 +117,8 @@ def report(rows, args, wall) -> str:
         f"transformers {transformers.__version__}  ",
         f"Setup: random weights (std 0.02), one correlated calibration Hessian per projection shared by all "
         f"experts, group size {args.group_size}, asymmetric, damp 0.01, GPTQ block 128; median of "
-        f"{args.repeats} runs; total wall {wall:.0f} s.", "",
+        f"{args.repeats} interleaved runs after a warm-up; total wall {wall:.0f} s; load average at start "
+        f"{args.load_at_start} (other jobs shared the 2 cores, so single timings are noisy).", "",
         "| layer | projection | E, out, in | 1 width (4 bit) s | 4 x 1 width s | ratio | 4 widths shared s | ratio "
         "| per expert, 4 shared ms |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -156,6 +164,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize_widths.md"))
     args = ap.parse_args()
+    args.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
     rows = bench_layer("embedded", args.experts, args.hidden, args.intermediate, args.group_size, args.repeats)
     if args.qwen_experts:

@@ -120,7 +120,7 @@ class RecordingTokenizer:
 
 def test_chat_mode_multiturn_like_lm_eval():
     preset = get_preset("lmeval_gsm8k_cot")
-    fewshot = select_fewshot(preset, [], seed=0)[:0] + select_fewshot(preset, [], seed=0)
+    fewshot = select_fewshot(preset, [], seed=0)
     tok = RecordingTokenizer()
     assert build_prompt(preset, "How many?", fewshot, chat_template=tok) == "rendered"
     assert tok.kwargs == {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False}

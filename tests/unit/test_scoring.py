@@ -8,6 +8,7 @@ gsm8k-cot.yaml settings) in a scratch venv (`pip install lm-eval==0.4.* torch==2
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import pytest
@@ -164,7 +165,7 @@ def test_wilson_edge_cases():
         (0, 5, 2 / 32),
         (3, 3, 1.0),  # 2 * P(X <= 3 | n=6) > 1, clipped
         (2, 8, 2 * (1 + 10 + 45) / 1024),
-        (10, 30, 2 * sum(__import__("math").comb(40, k) for k in range(11)) / 2**40),
+        (10, 30, 2 * sum(math.comb(40, k) for k in range(11)) / 2**40),
     ],
 )
 def test_mcnemar_exact_known_values(b, c, expected):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -14,8 +13,8 @@ from . import io
 from .data.prompts import build_prompt, get_preset, select_fewshot
 from .data.sources import load_split
 from .engine import generate_greedy
-from .grid import FULL_BITS, Cell, config_hash
-from .model import install_policy, load_model, model_fingerprint
+from .grid import Cell, config_hash
+from .model import install_policy, load_model
 from .precision import apply_map, build_map, full_expert_bytes, tier_bytes
 from .routing import RoutingContext
 from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
@@ -57,6 +56,22 @@ def hotness_order(hotness_path: str) -> dict[int, list[int]]:
     return {int(layer): g["expert"].astype(int).tolist() for layer, g in df.groupby("layer")}
 
 
+def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
+    """Train records that few-shot exemplars are drawn from (none needed for fixed-exemplar presets).
+
+    A hub data set or the synthetic source supplies its own train split; a local file holds one split,
+    so drawing exemplars from it would leak test problems: `dataset.fewshot_source` must name a train file.
+    """
+    if preset.n_shots == 0 or preset.fixed_exemplars is not None:
+        return []
+    source = ds.get("fewshot_source") or ds["source"]
+    if Path(source).suffix in (".jsonl", ".json", ".parquet") and source == ds["source"]:
+        raise ValueError(f"prompt preset {preset.name!r} needs train exemplars, but dataset.source {source!r} is a "
+                         f"single local file; set dataset.fewshot_source to a train file (or use a hub id)")
+    pool_ds = {**ds, "source": source}
+    return load_split(pool_ds, ds.get("fewshot_split", "train"), ds.get("fewshot_pool", 1000), seed, "fewshot")
+
+
 def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], hotness_path: str | None,
                   routing_stats_path: str | None, out_cell: str, out_problems: str, out_layers: str,
                   threads: int = 1, progress=None) -> dict:
@@ -70,9 +85,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
 
     problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
     preset = get_preset(pr["preset"])
-    fewshot = []
-    if preset.n_shots:
-        fewshot = select_fewshot(preset, load_split(ds, "train", ds.get("fewshot_pool", 1000), seed, "fewshot"), seed)
+    fewshot = select_fewshot(preset, fewshot_pool(ds, preset, seed), seed)
     model, tokenizer, adapter = load_model(mcfg["id"], mcfg.get("dtype", "float32"), device, mcfg.get("revision"),
                                            mcfg.get("trust_remote_code", False))
     chat = tokenizer if pr.get("chat_template") else None
@@ -95,7 +108,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
 
     # Warm-up on a few prompts (allocator, thread pools) so the clocks measure steady state.
     generate_greedy(model, tokenizer, prompts[: min(4, len(prompts))], 4, ev["batch_size"], preset.stop, context, device)
-    repeats = max(1, int(ev.get("repeats", 1)))
+    # Repeats: null = 3 on GPU (clocks vary run to run), 1 on CPU (the sweep's time budget).
+    repeats = ev.get("repeats") or (3 if device.startswith("cuda") else 1)
     runs = []
     for _ in range(repeats):
         context.reset()
@@ -146,6 +160,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high,
         "tokens_per_s": statistics.median(per_run_tps), "tokens_per_s_min": min(per_run_tps),
         "tokens_per_s_max": max(per_run_tps), "repeats": repeats,
+        "total_tokens_per_s": statistics.median((t.generated_tokens + t.prompt_tokens) / (sum(t.prefill_s) + sum(t.decode_s))
+                                                for _, t in runs),
         "decode_tokens_per_s": statistics.median(t.decode_tokens / sum(t.decode_s) for _, t in runs),
         "ttft_ms": statistics.median(1e3 * statistics.fmean(t.prefill_s) for _, t in runs),
         "tpot_ms": statistics.median(1e3 * sum(t.decode_s) / max(t.decode_steps, 1) for _, t in runs),

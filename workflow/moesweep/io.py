@@ -39,7 +39,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Keys keep their insertion order (a cell's summary order becomes the column order of cells.parquet)."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike, rebuild_hint: str = "") -> dict:

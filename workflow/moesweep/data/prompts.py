@@ -19,12 +19,13 @@ from dataclasses import dataclass
 # backend also appends the tokenizer's EOS text; callers add it when they truncate.
 _QUESTION_STOPS = ("Question:", "</s>", "<|im_end|>")
 _HASH_REGEX = r"#### (\-?[0-9\.\,]+)"
-# Unescaped trailing `.` (any character) as in lm-eval's gsm8k-cot.yaml: "The answer is 8" at the very
-# end of a completion does NOT match; "The answer is 8." and "The answer is 8\n"... see scoring tests.
+# Unescaped trailing `.` (any character but newline) as in lm-eval's gsm8k-cot.yaml, so it needs one more
+# character after the number: "The answer is 8." gives "8", but "The answer is 8" at the end of the text or
+# line gives "[invalid]" and "The answer is 42" gives "4" (tests/unit/test_scoring.py shows lm-eval agrees).
 _COT_REGEX = r"The answer is (\-?[0-9\.\,]+)."
 
 # lm-eval 0.4.13 tasks/gsm8k/gsm8k-cot.yaml `fewshot_config.samples` (sampler first_n), which are the
-# 8 chain-of-thought exemplars of Wei et al. 2022 (arXiv 2201.11903, appendix). Task data, kept verbatim.
+# 8 chain-of-thought exemplars of Wei et al. 2022 (arXiv 2201.11903) in lm-eval's wording. Task data, verbatim.
 GSM8K_COT_EXEMPLARS: tuple[tuple[str, str], ...] = (
     (
         "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
@@ -178,7 +179,7 @@ PRESETS: dict[str, PromptPreset] = {
             name="qwen3_4shot_cot",
             n_shots=4,
             stop=_QUESTION_STOPS,
-            strict_regex=r"The answer is (\-?[0-9\.\,]+)",
+            strict_regex=r"The answer is (\-?[0-9\.\,]+)",  # no trailing '.': these exemplars end without one
             question_template="Question: {question}\nLet's think step by step\nAnswer:",
             target_delimiter="\n",
             fixed_exemplars=OPENCOMPASS_4SHOT_EXEMPLARS,

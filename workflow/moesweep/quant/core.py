@@ -106,16 +106,21 @@ def _signed_codes(w: torch.Tensor, scale_col: torch.Tensor, zero_col: torch.Tens
     return torch.clamp(torch.round(w / scale_col + zero_col), -_half(bits), _half(bits) - 1)
 
 
+def _normalised_hessians(hessian, counts, idx, device):
+    # llm-compressor's prepare_batch divides by the sample count too (its factor 2 cancels in GPTQ).
+    return hessian[idx.to(hessian.device)].to(device, torch.float32) / counts[idx].to(device, torch.float32).view(-1, 1, 1)
+
+
 def _gptq_subset(weight, hessian, counts, active, scale, zero, spec):
-    """Run llm-compressor's batched GPTQ on the experts in `active`; return (W_q, not_pd flags)."""
+    """Run llm-compressor's batched GPTQ on the experts in `active` (CPU bool [E]); return (idx, W_q, not_pd)."""
     idx = active.nonzero().flatten()
-    # quantize_weight expects the Hessian normalised by the sample count (llm-compressor's prepare_batch);
-    # it uses the input buffers as scratch, hence the fresh tensors.
-    h = hessian[idx].float() / counts[idx].float().clamp_min(1).view(-1, 1, 1)
-    w = weight[idx].float().clone()
+    dev_idx = idx.to(weight.device)
+    # quantize_weight uses its input buffers as scratch, hence the fresh tensors.
+    h = _normalised_hessians(hessian, counts, idx, weight.device)
+    w = weight[dev_idx].float().clone()
     w_q, _losses, not_pd = quantize_weight(
-        w, h, scale[idx], zero[idx], None, spec.quant_args(), blocksize=GPTQ_BLOCKSIZE, percdamp=spec.damp)
-    return idx, w_q, not_pd
+        w, h, scale[dev_idx], zero[dev_idx], None, spec.quant_args(), blocksize=GPTQ_BLOCKSIZE, percdamp=spec.damp)
+    return dev_idx, w_q, not_pd.cpu()
 
 
 def _fallback_mask(hessian, token_counts, spec, E) -> torch.Tensor:
@@ -148,9 +153,10 @@ def _pack(weight_shape, w_hat, scale, zero, spec, fallback, experts_per_chunk=8)
         off_grid = ((q - z_col) * s_col - w_hat[sl]).abs() / s_col
         if off_grid.numel() and off_grid.max().item() > 1e-3:
             raise AssertionError(f"quantized weights off the grid by {off_grid.max().item():g} steps")
-        codes.append(pack_codes((q + half).to(torch.uint8), spec.bits))
+        codes.append(pack_codes((q + half).to(torch.uint8).cpu(), spec.bits))
     zeros = (zero + half).to(torch.uint8) if not spec.symmetric else torch.zeros(0, dtype=torch.uint8)
-    return QuantizedExperts(torch.cat(codes), scale.to(torch.float16), zeros, (E, out, n_in), spec, fallback)
+    return QuantizedExperts(torch.cat(codes), scale.to(torch.float16).cpu(), zeros.cpu(), (E, out, n_in), spec,
+                            fallback.cpu())
 
 
 @torch.no_grad()
@@ -168,13 +174,13 @@ def quantize_experts(weight: torch.Tensor, hessian: torch.Tensor | None, token_c
     E, out, n_in = weight.shape
     fallback = _fallback_mask(hessian, token_counts, spec, E)
     scale, zero = _grid(weight, spec)
-    use_rtn = fallback if spec.method == "gptq" else torch.ones(E, dtype=torch.bool)
-    w_hat = torch.empty(weight.shape, dtype=torch.float32)
+    use_rtn = (fallback if spec.method == "gptq" else torch.ones(E, dtype=torch.bool)).to(weight.device)
+    w_hat = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     w_hat[use_rtn] = _rtn(weight[use_rtn], scale[use_rtn], zero[use_rtn], spec)
     if not use_rtn.all():
         idx, w_q, not_pd = _gptq_subset(weight, hessian, token_counts.cpu(), ~fallback, scale, zero, spec)
         w_hat[idx] = w_q
-        fallback[idx[not_pd.cpu()]] = True
+        fallback[idx.cpu()[not_pd]] = True
     return _pack(weight.shape, w_hat, scale, zero, spec, fallback)
 
 
@@ -192,18 +198,20 @@ def quantize_experts_widths(weight: torch.Tensor, hessian: torch.Tensor, token_c
     E, out, n_in = weight.shape
     fallback = _fallback_mask(hessian, token_counts, specs[0], E)
     idx = (~fallback).nonzero().flatten()
-    w_base = weight[idx].float().clone()
-    h = hessian[idx].float() / token_counts.cpu()[idx].float().clamp_min(1).view(-1, 1, 1)
-    not_pd = torch.zeros(len(idx), dtype=torch.bool)
+    dev_idx = idx.to(weight.device)
+    w_base = weight[dev_idx].float().clone()
+    h = _normalised_hessians(hessian, token_counts.cpu(), idx, weight.device)
+    not_pd = torch.zeros(len(idx), dtype=torch.bool, device=weight.device)
     h_inv = factorize_hessian(w_base, h, specs[0].damp, not_pd)  # also zeroes dead columns of w_base
-    fallback[idx[not_pd]] = True
+    fallback[idx[not_pd.cpu()]] = True
+    dev_fallback = fallback.to(weight.device)
     results = []
     for spec in specs:
         scale, zero = _grid(weight, spec)
-        w_hat = torch.empty(weight.shape, dtype=torch.float32)
-        w_hat[fallback] = _rtn(weight[fallback], scale[fallback], zero[fallback], spec)
+        w_hat = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        w_hat[dev_fallback] = _rtn(weight[dev_fallback], scale[dev_fallback], zero[dev_fallback], spec)
         if len(idx):
-            w_hat[idx] = _gptq_loop(w_base.clone(), h_inv, scale[idx], zero[idx], spec)
+            w_hat[dev_idx] = _gptq_loop(w_base.clone(), h_inv, scale[dev_idx], zero[dev_idx], spec)
         results.append(_pack(weight.shape, w_hat, scale, zero, spec, fallback.clone()))
     return results
 
@@ -212,7 +220,7 @@ def _gptq_loop(W, h_inv, scale, zero, spec, blocksize=GPTQ_BLOCKSIZE):
     """The block loop of llm-compressor's quantize_weight (no actorder), given the factorised Hessian."""
     n_in = W.shape[-1]
     args = spec.quant_args()
-    g_idx = None if spec.per_channel else torch.arange(n_in, dtype=torch.int) // spec.group_size
+    g_idx = None if spec.per_channel else torch.arange(n_in, dtype=torch.int, device=W.device) // spec.group_size
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
         W1 = W[:, :, i1:i2].clone()

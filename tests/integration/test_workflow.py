@@ -1,0 +1,124 @@
+"""The whole DAG on a micro config in a temporary directory, plus caching and rerun behaviour."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "resources" / "models" / "tiny-qwen3-moe"
+
+MICRO = {
+    "seed": 1,
+    "model": {"id": str(MODEL), "name": "tiny-qwen3-moe", "dtype": "float32"},
+    "dataset": {"source": "synthetic", "split": "test", "limit": 12},
+    "prompt": {"preset": "zeroshot", "max_new_tokens": 96},
+    "evaluate": {"batch_size": 6, "device": "cpu", "repeats": 1, "threads": 1},
+    "calibration": {"n_samples": 16, "n_heldout": 8, "max_length": 128, "batch_size": 8},
+    "quantization": {"method": "gptq", "bits": [8, 2], "group_size": 32, "min_tokens": 4},
+    "profile": {"n_samples": 16, "max_length": 128, "batch_size": 8},
+    "grid": [
+        {"family": "native", "routing": {"policy": "native"}, "precision": {"policy": "full"}},
+        {"family": "top1-capacity", "routing": {"policy": "topk", "top_k": 1, "capacity_factor": [1.0, None]},
+         "precision": {"policy": "full"}},
+        {"family": "static-uniform", "routing": {"policy": "native"}, "precision": {"policy": "uniform", "bits": 2}},
+        {"family": "static-hotcold", "routing": {"policy": "native"},
+         "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2, "memory_budget": 0.3}},
+    ],
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule → job count of a dry run (empty when nothing would run)."""
+    out = snakemake(workdir, "-n", "--quiet", "rules", *args).stdout
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("micro")
+    write_config(workdir, MICRO)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_micro_sweep_writes_the_results_contract(micro_run):
+    cells = pd.read_parquet(micro_run / "results/summary/cells.parquet")
+    contract = ["cell", "policy", "top_k", "capacity_factor", "bits_high", "bits_low", "memory_budget", "n",
+                "accuracy_strict", "accuracy_flexible", "accuracy_ci_low", "accuracy_ci_high", "tokens_per_s",
+                "ttft_ms", "tpot_ms", "drop_rate", "expert_weight_bytes", "batch_size", "max_new_tokens", "model",
+                "dataset", "seed", "config_hash", "hardware", "torch_version", "transformers_version"]
+    assert not set(contract) - set(cells.columns)
+    assert sorted(cells["cell"]) == sorted(["native-w16", "top1-cf1-w16", "top1-w16", "native-w2", "native-hot8-cold2-b0.3"])
+    assert (cells["n"] == 12).all()
+    assert ((cells["accuracy_ci_low"] <= cells["accuracy_strict"]) & (cells["accuracy_strict"] <= cells["accuracy_ci_high"])).all()
+    native = cells.set_index("cell").loc["native-w16"]
+    assert native["accuracy_strict"] >= 0.5  # the embedded model solves most synthetic problems
+    assert native["drop_rate"] == 0 and cells.set_index("cell").loc["top1-cf1-w16", "drop_rate"] > 0
+    assert cells.set_index("cell").loc["native-w2", "expert_weight_bytes"] < native["expert_weight_bytes"] / 4
+    problems = pd.read_parquet(micro_run / "results/summary/problems.parquet")
+    assert len(problems) == 5 * 12
+    for col in ("problem_id", "gold", "prediction_strict", "prediction_flexible", "correct_strict", "completion"):
+        assert col in problems.columns
+    for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget"):
+        assert (micro_run / f"results/figures/{fig}.png").stat().st_size > 10_000
+    errors = pd.read_parquet(micro_run / "results/quantization/error.parquet")
+    med = errors.groupby("bits")["relative_error"].median()
+    assert med[2] > med[8]
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing_and_forcerun_reruns_downstream_only(micro_run):
+    assert planned_jobs(micro_run) == {}
+    forced = planned_jobs(micro_run, "--forcerun", "quantize")
+    assert "calibrate" not in forced and "profile" not in forced
+    assert forced["quantize"] == 2
+    # only the cells that read quantized experts rerun, not native or top-1 ones
+    assert forced["evaluate"] == 2 and forced["aggregate"] == 1
+
+
+@pytest.mark.slow
+def test_adding_a_capacity_factor_reruns_only_the_new_cell(micro_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(micro_run, workdir, symlinks=True)
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["grid"][1]["routing"]["capacity_factor"] = [1.0, 2.0, None]
+    write_config(workdir, cfg)
+    jobs = planned_jobs(workdir)
+    assert jobs.get("evaluate") == 1 and "calibrate" not in jobs and "quantize" not in jobs
+
+
+@pytest.mark.slow
+def test_bad_config_fails_before_any_job(tmp_path):
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["grid"][1]["routing"]["capacity_factor"] = [0.0]
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "capacity_factor" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()

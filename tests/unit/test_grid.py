@@ -1,0 +1,57 @@
+"""Config grid → cells: expansion, stable ids, refusals."""
+import pytest
+
+from moesweep.grid import Cell, GridError, config_hash, expand_grid
+
+DEFAULT_LIKE = [
+    {"family": "native", "routing": {"policy": "native"}, "precision": {"policy": "full"}},
+    {"family": "cf", "routing": {"policy": "topk", "top_k": 1, "capacity_factor": [0.5, 1.0, None]},
+     "precision": {"policy": "full"}},
+    {"family": "uniform", "routing": {"policy": "native"}, "precision": {"policy": "uniform", "bits": [8, 2]}},
+    {"family": "hotcold", "routing": {"policy": "native"},
+     "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2, "memory_budget": [0.25, 0.5]}},
+]
+
+
+def test_expansion_order_and_ids():
+    ids = [c.id for c in expand_grid(DEFAULT_LIKE)]
+    assert ids == ["native-w16", "top1-cf0.5-w16", "top1-cf1-w16", "top1-w16", "native-w8", "native-w2",
+                   "native-hot8-cold2-b0.25", "native-hot8-cold2-b0.5"]
+
+
+def test_cross_product_of_routing_and_precision():
+    cells = expand_grid([{"routing": {"policy": "topk", "top_k": [1, 2]}, "precision": {"policy": "uniform", "bits": [4, 8]}}])
+    assert len(cells) == 4 and {c.precision.widths for c in cells} == {(4,), (8,)}
+
+
+def test_round_trip_through_dict():
+    for c in expand_grid(DEFAULT_LIKE):
+        assert Cell.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"routing": {"policy": "nope"}, "precision": {"policy": "full"}}, "unknown routing policy 'nope'"),
+    ({"routing": {"policy": "topk", "top_k": 0}, "precision": {"policy": "full"}}, "top_k must be an integer"),
+    ({"routing": {"policy": "topk", "top_k": 1, "capacity_factor": 0}, "precision": {"policy": "full"}}, "capacity_factor must be > 0"),
+    ({"routing": {"policy": "top_p", "top_p": 1.5}, "precision": {"policy": "full"}}, "top_p must be in (0, 1]"),
+    ({"routing": {"policy": "top_p"}, "precision": {"policy": "full"}}, "top_p (in (0, 1]) is required"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "uniform", "bits": 5}}, "bits must be one of"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "hotcold", "bits_high": 2, "bits_low": 8, "memory_budget": 0.5}}, "bits_low < bits_high"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2, "memory_budget": 0}}, "memory_budget must be a fraction"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "fp4"}}, "unknown precision policy 'fp4'"),
+])
+def test_bad_entries_are_refused_with_a_clear_message(entry, message):
+    with pytest.raises(GridError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        expand_grid([entry])
+
+
+def test_empty_and_duplicate_grids_are_refused():
+    with pytest.raises(GridError, match="empty"):
+        expand_grid([])
+    with pytest.raises(GridError, match="already produced"):
+        expand_grid([DEFAULT_LIKE[0], DEFAULT_LIKE[0]])
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
