@@ -79,7 +79,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric):
     gptq = quantize_experts(w, h, n, QuantSpec(bits, group_size, symmetric, method="gptq"))
     rtn = quantize_experts(w, None, None, QuantSpec(bits, group_size, symmetric, method="rtn"))
     ratio = relative_output_error(w, dequantize(gptq), x) / relative_output_error(w, dequantize(rtn), x)
-    assert (ratio < 0.8).all(), ratio  # measured 0.36-0.45 here
+    assert (ratio < 0.8).all(), ratio  # measured 0.35-0.42 here (NOTES: 0.41-0.51)
     assert not gptq.fallback.any()
 
 
@@ -176,3 +176,13 @@ def test_load_refuses_truncated_or_missing_file(tmp_path):
         load_quantized(path, {"model_id": "tiny/qwen3-moe"})
     with pytest.raises(ArtefactError, match="missing"):
         load_quantized(tmp_path / "nope.safetensors", {})
+
+
+def test_non_positive_definite_hessian_falls_back_to_rtn():
+    x = correlated_inputs()
+    w = weights()
+    h, n = hessian_for(x)
+    h[0] = -h[0]
+    q = quantize_experts(w, h, n, QuantSpec(4, 32))
+    rtn = quantize_experts(w, None, None, QuantSpec(4, 32, method="rtn"))
+    assert q.fallback.tolist() == [True, False, False] and torch.equal(q.codes[0], rtn.codes[0])

@@ -158,17 +158,3 @@ def config_hash(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def check_cells_against_model(cells: list[Cell], model_id: str) -> None:
-    """Checks that need the checkpoint's config (local directories only; hub ids are checked when loaded)."""
-    from pathlib import Path
-
-    cfg_path = Path(model_id) / "config.json"
-    if not cfg_path.is_file():
-        return
-    cfg = json.loads(cfg_path.read_text())
-    native_k = cfg.get("num_experts_per_tok")
-    for c in cells:
-        if c.routing.top_k is not None and native_k is not None and c.routing.top_k > native_k:
-            raise GridError(f"cell {c.id}: top_k={c.routing.top_k} exceeds the checkpoint's "
-                            f"num_experts_per_tok={native_k}; allowed: 1..{native_k}")

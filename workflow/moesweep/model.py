@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import ConfigError, read_local_model_config
 from .routing import PolicyRouter, RoutingContext, sparse_experts_forward
 
 log = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "moesweep_sparse"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class ModelError(ValueError):
@@ -69,16 +68,19 @@ def _register_experts_implementation() -> None:
 
 
 def read_model_type(model_id: str, revision: str | None = None) -> str:
-    """model_type from config.json (local dir or hub id), to refuse unsupported families before loading weights."""
+    """model_type of a local dir (checked by checks.read_local_model_config) or a hub id, before loading weights."""
     from transformers import AutoConfig
 
-    if not Path(model_id).is_dir() and not HUB_ID.fullmatch(model_id):
-        raise ModelError(f"model.id {model_id!r}: no such local directory, and not a hub id of the form 'org/name'")
     try:
-        cfg = AutoConfig.from_pretrained(model_id, revision=revision)
+        local = read_local_model_config(model_id)
+    except ConfigError as err:
+        raise ModelError(str(err)) from None
+    if local is not None:
+        return local["model_type"]
+    try:
+        return AutoConfig.from_pretrained(model_id, revision=revision).model_type
     except OSError as err:
         raise ModelError(f"model.id {model_id!r}: cannot read its config.json ({err})") from None
-    return cfg.model_type
 
 
 def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
@@ -125,6 +127,6 @@ def model_fingerprint(model_id: str) -> dict:
     """What identifies a checkpoint in artefact metadata: its id and, for local dirs, its config.json."""
     cfg_path = Path(model_id) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "moe_intermediate_size", "num_experts",
-            "num_experts_per_tok", "vocab_size")
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "moe_intermediate_size", "num_local_experts",
+            "num_experts", "num_experts_per_tok", "vocab_size")
     return {"model_id": str(model_id), **{k: cfg.get(k) for k in keys}}

@@ -46,7 +46,7 @@ class TrainSettings:
     router_aux_loss_coef: float = 0.001  # small on purpose: some hot/cold expert skew should remain
     vocab_size: int = 512  # tokenizer target; the model's vocabulary is the tokenizer's
     # optimisation
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 256
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -58,7 +58,7 @@ class TrainSettings:
     n_eval: int = 500
     eval_batch_size: int = 64
     max_new_tokens: int = 128
-    eval_every: int = 1000  # steps between quick accuracy checks on the training device (0: never)
+    eval_every: int = 500  # steps between quick accuracy checks on the training device (0: never)
     time_budget_s: float = 0.0  # > 0: after 20 timed steps, lower `steps` so training fits this many seconds
     # data (SyntheticSpec fields)
     min_steps: int = SyntheticSpec.min_steps

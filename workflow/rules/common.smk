@@ -9,14 +9,15 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from moesweep.grid import FULL_BITS, GridError, check_cells_against_model, expand_grid  # noqa: E402
+from moesweep.checks import ConfigError, check_config  # noqa: E402
+from moesweep.grid import GridError, expand_grid  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
     CELLS = expand_grid(config["grid"])
-    check_cells_against_model(CELLS, config["model"]["id"])
-except GridError as err:
+    check_config(config, CELLS)
+except (GridError, ConfigError) as err:
     raise WorkflowError(f"invalid config: {err}")
 CELL_BY_ID = {c.id: c for c in CELLS}
 METHOD = config["quantization"]["method"]
