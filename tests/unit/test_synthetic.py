@@ -69,7 +69,11 @@ def test_bad_arguments_raise(kwargs, message):
         generate_problems(**kwargs)
 
 
-def test_a_spec_too_small_for_n_raises():
+def test_a_spec_too_small_for_n_raises(monkeypatch):
+    from moesweep.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_STORIES", synthetic._STORIES[:1])
+    monkeypatch.setattr(synthetic, "_NAMES", synthetic._NAMES[:1])
     tiny = SyntheticSpec(min_steps=1, max_steps=1, max_value=2, max_factor=2, max_result=4, operations=("add",))
     with pytest.raises(ValueError, match="distinct"):
-        generate_problems("train", 10_000, 0, tiny)
+        generate_problems("train", 100, 0, tiny)

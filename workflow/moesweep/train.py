@@ -146,12 +146,19 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], batch_size: int, max
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         seconds += time.perf_counter() - t0
         generated = out[:, enc["input_ids"].shape[1] :]
-        new_tokens += int((generated != tokenizer.pad_token_id).sum()) + len(batch)  # + the eos of each
+        new_tokens += _tokens_until_eos(generated, tokenizer.eos_token_id)
         for problem, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             correct += final_answer(text) == final_answer(problem["answer"])
     model.train(was_training)
     return {"n": len(problems), "correct": correct, "accuracy": correct / len(problems),
             "generate_seconds": seconds, "tokens_per_s": new_tokens / seconds, "batch_size": batch_size}
+
+
+def _tokens_until_eos(generated: torch.Tensor, eos_id: int) -> int:
+    """Generated tokens per row up to and including the first eos (what is padding after it is not work)."""
+    is_eos = generated == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
+    return int(first_eos.sum())
 
 
 def _experts_implementation(device: torch.device) -> str:
