@@ -51,9 +51,17 @@ def load_quantized_tiers(paths: dict[int, str], model_id: str) -> dict[int, dict
     return {bits: load_quantized(path, {"model_id": str(model_id), "bits": bits})[0] for bits, path in paths.items()}
 
 
-def hotness_order(hotness_path: str) -> dict[int, list[int]]:
-    df = pd.read_parquet(hotness_path).sort_values(["layer", "hotness_rank"])
-    return {int(layer): g["expert"].astype(int).tolist() for layer, g in df.groupby("layer")}
+def hotness_order(hotness_path: str, num_experts: int) -> dict[int, list[int]]:
+    """Expert ids per layer, hottest first, from the profile stage's table (validated)."""
+    hint = "rerun the profile stage (snakemake --forcerun profile)"
+    try:
+        df = pd.read_parquet(hotness_path, columns=["layer", "expert", "hotness_rank"])
+    except Exception as err:  # pyarrow raises several types for truncated or foreign files
+        raise io.ArtefactError(f"{hotness_path}: unreadable hotness table ({err}); {hint}") from None
+    order = {int(layer): g.sort_values("hotness_rank")["expert"].astype(int).tolist() for layer, g in df.groupby("layer")}
+    if not order or any(sorted(v) != list(range(num_experts)) for v in order.values()):
+        raise io.ArtefactError(f"{hotness_path}: does not rank {num_experts} experts in every layer (another model?); {hint}")
+    return order
 
 
 def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
@@ -95,7 +103,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     layers = [l.index for l in adapter.layers()]
     quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
-    hotness = hotness_order(hotness_path) if hotness_path else None
+    hotness = hotness_order(hotness_path, adapter.num_experts) if hotness_path else None
     pmap = build_map(cell_rec.precision, layers, adapter.num_experts, bytes_by_tier, hotness)
     apply_map(adapter, pmap, quantized)
     betas = None

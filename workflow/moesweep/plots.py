@@ -39,8 +39,10 @@ def pareto(cells: pd.DataFrame, path: str) -> None:
         ax.errorbar(d["tokens_per_s"], 100 * d["accuracy_strict"],
                     yerr=[100 * (d["accuracy_strict"] - d["accuracy_ci_low"]), 100 * (d["accuracy_ci_high"] - d["accuracy_strict"])],
                     fmt=markers[fam], color=palette[fam], label=fam, ms=8, capsize=3, alpha=0.9)
+    # Frontier as a staircase: from the fastest cell leftwards, accuracy only rises.
     front = cells[cells["pareto"]].sort_values("tokens_per_s")
-    ax.plot(front["tokens_per_s"], 100 * front["accuracy_strict"], "--", color="black", lw=1.2, label="Pareto frontier", zorder=0)
+    ax.step(front["tokens_per_s"], 100 * front["accuracy_strict"], where="pre", ls="--", color="black", lw=1.2,
+            label="Pareto frontier", zorder=0)
     for _, r in cells.iterrows():
         ax.annotate(r["cell"], (r["tokens_per_s"], 100 * r["accuracy_strict"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points", color="black" if r["pareto"] else "dimgray")
@@ -108,7 +110,8 @@ def quant_error(errors: pd.DataFrame, path: str) -> None:
     """Relative output error per (layer, expert) for each width, projections averaged."""
     sns.set_theme(style="white")
     widths = sorted(errors["bits"].unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 0.5 * errors["layer"].nunique() + 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 0.5 * errors["layer"].nunique() + 2.5),
+                             squeeze=False, layout="constrained")
     for ax, bits in zip(axes[0], widths):
         d = errors[errors["bits"] == bits].groupby(["layer", "expert"])["relative_error"].mean().unstack()
         sns.heatmap(d, ax=ax, cmap="viridis", cbar_kws={"label": "relative output error"})

@@ -1,7 +1,6 @@
 """Aggregation of per-cell outputs into the summary tables (the results contract)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -36,11 +35,23 @@ def mcnemar_vs_reference(cells: pd.DataFrame, problems: pd.DataFrame) -> pd.Seri
     return pd.Series(p, index=cells.index, dtype="float64")
 
 
+def _rebuild_hint(path: str) -> str:
+    cell = Path(path).parent.name
+    return f"rebuild that cell: snakemake results/cells/{cell}/cell.json --force"
+
+
+def _read_parquet(path: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for truncated or foreign files
+        raise io.ArtefactError(f"{path}: unreadable Parquet file ({err}); {_rebuild_hint(path)}") from None
+
+
 def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list[str], out_cells: str,
               out_problems: str, out_layers: str, out_csv: str) -> pd.DataFrame:
-    cells = pd.DataFrame([json.loads(Path(p).read_text()) for p in cell_jsons])
-    problems = pd.concat([pd.read_parquet(p) for p in problem_files], ignore_index=True)
-    layers = pd.concat([pd.read_parquet(p) for p in layer_files], ignore_index=True)
+    cells = pd.DataFrame([io.read_json(p, _rebuild_hint(p)) for p in cell_jsons])
+    problems = pd.concat([_read_parquet(p) for p in problem_files], ignore_index=True)
+    layers = pd.concat([_read_parquet(p) for p in layer_files], ignore_index=True)
     if cells["n"].nunique() != 1:
         raise ValueError(f"cells were evaluated on different numbers of problems: {sorted(cells['n'].unique())}")
     cells["capacity_factor"] = cells["capacity_factor"].astype("float64")
