@@ -75,6 +75,9 @@ def test_micro_sweep_writes_the_results_contract(micro_run):
                 "ttft_ms", "tpot_ms", "drop_rate", "expert_weight_bytes", "batch_size", "max_new_tokens", "model",
                 "dataset", "seed", "config_hash", "hardware", "torch_version", "transformers_version"]
     assert not set(contract) - set(cells.columns)
+    from moesweep.results import table_schema
+
+    assert cells.columns.tolist() == table_schema("cells").names  # the documented schema, in order
     assert sorted(cells["cell"]) == sorted(["native-w16", "top1-cf1-w16", "top1-w16", "native-w2", "native-hot8-cold2-b0.3"])
     assert (cells["n"] == 12).all()
     assert ((cells["accuracy_ci_low"] <= cells["accuracy_strict"]) & (cells["accuracy_strict"] <= cells["accuracy_ci_high"])).all()
@@ -86,7 +89,7 @@ def test_micro_sweep_writes_the_results_contract(micro_run):
     assert len(problems) == 5 * 12
     for col in ("problem_id", "gold", "prediction_strict", "prediction_flexible", "correct_strict", "completion"):
         assert col in problems.columns
-    for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget"):
+    for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
         assert (micro_run / f"results/figures/{fig}.png").stat().st_size > 10_000
     errors = pd.read_parquet(micro_run / "results/quantization/error.parquet")
     med = errors.groupby("bits")["relative_error"].median()

@@ -47,7 +47,7 @@ def _first_stop(text: str, stops) -> int:
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                     stop: tuple[str, ...] = (), context: RoutingContext | None = None,
-                    device: str = "cpu") -> tuple[list[Completion], GenerationTiming]:
+                    device: str = "cpu", progress=None) -> tuple[list[Completion], GenerationTiming]:
     """Greedy-decode every prompt; batches are formed after sorting by prompt length (less padding)."""
     from transformers import DynamicCache
 
@@ -58,7 +58,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     timing = GenerationTiming()
     completions: dict[int, Completion] = {}
 
-    for b in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for b in (progress(starts, desc="batches") if progress else starts):
         batch = order[b:b + batch_size]
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         input_ids, attention = enc.input_ids.to(device), enc.attention_mask.to(device)

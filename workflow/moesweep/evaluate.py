@@ -122,7 +122,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     for _ in range(repeats):
         context.reset()
         completions, timing = generate_greedy(model, tokenizer, prompts, pr["max_new_tokens"], ev["batch_size"],
-                                              preset.stop, context, device)
+                                              preset.stop, context, device, progress)
         runs.append((completions, timing))
     completions, timing = runs[-1]  # greedy and deterministic: every repeat yields the same text
 

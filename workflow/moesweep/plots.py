@@ -139,3 +139,16 @@ def precision_budget(cells: pd.DataFrame, path: str) -> None:
     ax.set_title("Accuracy vs expert memory, native routing · " + _subtitle(cells), fontsize=10)
     ax.legend()
     _save(fig, path)
+
+
+def load_imbalance(layers: pd.DataFrame, path: str) -> None:
+    """Expert load imbalance (max/mean kept assignments per expert) per cell and layer."""
+    sns.set_theme(style="white")
+    wide = layers.pivot(index="cell", columns="layer", values="load_imbalance")
+    wide = wide.loc[wide.mean(axis=1).sort_values().index]
+    fig, ax = plt.subplots(figsize=(1.2 * wide.shape[1] + 5, 0.35 * len(wide) + 1.8), layout="constrained")
+    sns.heatmap(wide, ax=ax, annot=True, fmt=".1f", cmap="rocket_r", vmin=1,
+                cbar_kws={"label": "max / mean assignments per expert (1 = balanced)"})
+    ax.set_title("Expert load imbalance per layer (evaluation traffic, prefill + decode)", fontsize=10)
+    ax.set_ylabel("")
+    _save(fig, path)

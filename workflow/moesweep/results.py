@@ -9,6 +9,30 @@ from . import io
 from .scoring import mcnemar_exact_p
 
 REFERENCE = ("native", "full")  # (routing_policy, precision_policy) of the reference cell
+SCHEMA_FILE = Path(__file__).with_name("results_schema.yaml")
+
+
+def table_schema(table: str):
+    """The documented Arrow schema of a summary table (results_schema.yaml)."""
+    import pyarrow as pa
+    import yaml
+
+    types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
+             "list<int64>": pa.list_(pa.int64())}
+    columns = yaml.safe_load(SCHEMA_FILE.read_text())[table]
+    return pa.schema([(name, types[spec[0]]) for name, spec in columns.items()])
+
+
+def _typed(df: pd.DataFrame, table: str):
+    """Exactly the documented columns and types; a column the code forgot to document is an error."""
+    import pyarrow as pa
+
+    schema = table_schema(table)
+    extra = set(df.columns) - set(schema.names)
+    if extra:
+        raise ValueError(f"{table}: columns {sorted(extra)} are not documented in {SCHEMA_FILE.name}")
+    df = df.reindex(columns=schema.names)
+    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
 
 
 def pareto_mask(accuracy: pd.Series, speed: pd.Series) -> pd.Series:
@@ -58,9 +82,9 @@ def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list
     cells["memory_budget"] = cells["memory_budget"].astype("float64")
     cells["pareto"] = pareto_mask(cells["accuracy_strict"], cells["tokens_per_s"])
     cells["p_vs_reference"] = mcnemar_vs_reference(cells, problems)
-    io.write_parquet(out_cells, cells)
-    io.write_parquet(out_problems, problems)
-    io.write_parquet(out_layers, layers)
+    io.write_parquet(out_cells, _typed(cells, "cells"))
+    io.write_parquet(out_problems, _typed(problems, "problems"))
+    io.write_parquet(out_layers, _typed(layers, "layers"))
     io.write_text(out_csv, cells.to_csv(index=False))
     return cells
 

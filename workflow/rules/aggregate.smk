@@ -20,11 +20,13 @@ rule aggregate:
 rule plot_trade_off:
     """Figures of the trade-off, drawn from the summary table only."""
     input:
-        "results/summary/cells.parquet",
+        cells="results/summary/cells.parquet",
+        layers="results/summary/layers.parquet",
     output:
         pareto=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
         capacity=report("results/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
         budget=report("results/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
+        imbalance=report("results/figures/load_imbalance.png", caption="../report/load_imbalance.rst", category="Routing"),
     log:
         "logs/plot_trade_off.log",
     benchmark:

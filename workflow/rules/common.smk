@@ -74,6 +74,7 @@ def all_outputs():
         "results/figures/pareto.png",
         "results/figures/capacity_factor.png",
         "results/figures/precision_budget.png",
+        "results/figures/load_imbalance.png",
         "results/figures/hotness.png",
         "results/figures/quant_error.png",
     ]

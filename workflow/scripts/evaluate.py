@@ -1,10 +1,10 @@
 """Rule evaluate → moesweep.evaluate.evaluate_cell (one grid cell)."""
 from moesweep.evaluate import evaluate_cell
-from moesweep.logs import log_to
+from moesweep.logs import log_to, progress
 
 with log_to(snakemake.log[0]):
     inp = snakemake.input
     quantized = {int(k[1:]): inp[k] for k in inp.keys() if k.startswith("w") and k[1:].isdigit()}
     evaluate_cell(snakemake.params.cell, snakemake.params.settings, quantized,
                   inp.get("hotness"), inp.get("routing_stats"), snakemake.output.cell,
-                  snakemake.output.problems, snakemake.output.layers, threads=snakemake.threads)
+                  snakemake.output.problems, snakemake.output.layers, threads=snakemake.threads, progress=progress)

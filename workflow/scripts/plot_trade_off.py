@@ -1,11 +1,12 @@
-"""Rule plot_trade_off → moesweep.plots (pareto, capacity_factor, precision_budget)."""
+"""Rule plot_trade_off → moesweep.plots (pareto, capacity_factor, precision_budget, load_imbalance)."""
 import pandas as pd
 
 from moesweep import plots
 from moesweep.logs import log_to
 
 with log_to(snakemake.log[0]):
-    cells = pd.read_parquet(snakemake.input[0])
+    cells = pd.read_parquet(snakemake.input.cells)
     plots.pareto(cells, snakemake.output.pareto)
     plots.capacity_factor(cells, snakemake.output.capacity)
     plots.precision_budget(cells, snakemake.output.budget)
+    plots.load_imbalance(pd.read_parquet(snakemake.input.layers), snakemake.output.imbalance)
