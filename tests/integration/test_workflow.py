@@ -117,15 +117,59 @@ def test_adding_a_capacity_factor_reruns_only_the_new_cell(micro_run, tmp_path):
     assert jobs.get("evaluate") == 1 and "calibrate" not in jobs and "quantize" not in jobs
 
 
-@pytest.mark.slow
-def test_bad_config_fails_before_any_job(tmp_path):
+def _bad(path: str, value):
+    """MICRO with the value at a dotted path replaced (path parts that are digits index lists)."""
     cfg = json.loads(json.dumps(MICRO))
-    cfg["grid"][1]["routing"]["capacity_factor"] = [0.0]
-    write_config(tmp_path, cfg)
-    proc = snakemake(tmp_path, check=False)
+    *parents, last = path.split(".")
+    node = cfg
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return cfg
+
+
+DELETE = object()
+BAD_CONFIGS = [  # (path, value, words the one error message must contain)
+    ("evaluate.batch_sise", 4, "batch_sise"),                       # unknown key
+    ("evaluate.batch_size", "four", "batch_size"),                  # wrong type
+    ("grid.1.routing.capacity_factor", [0.0], "capacity_factor"),   # CF ≤ 0
+    ("quantization.bits", [8, 5], "bits"),                          # width not in {2, 3, 4, 8}
+    ("grid.2.precision.bits", 16, "bits"),                          # uniform 16 is not a quantized width
+    ("grid.0.routing.policy", "top_k", "policy"),                   # unknown policy name
+    ("grid.1.routing.top_k", 8, "top_k=8 exceeds"),                 # k′ > k of the checkpoint
+    ("grid.3.precision.memory_budget", 0.05, "below the smallest feasible"),
+    ("grid", [], "grid"),                                           # empty grid
+    ("model.id", "/nonexistent/model", "no such directory"),
+    ("dataset.source", "/nonexistent/gsm8k.jsonl", "no such file"),
+    ("prompt.preset", "gsm8k_5shot", "preset"),
+    ("seed", -1, "seed"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,value,words", BAD_CONFIGS, ids=[b[0] + "=" + str(b[1]) for b in BAD_CONFIGS])
+def test_bad_config_fails_before_any_job(tmp_path, path, value, words):
+    write_config(tmp_path, _bad(path, value))
+    proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0
-    assert "capacity_factor" in proc.stdout + proc.stderr
-    assert not (tmp_path / "results").exists()
+    assert words in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_bad_data_records_fail_in_the_first_stage_before_the_model_loads(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "q?", "answer": "no final line"}) + "\n")
+    cfg = _bad("dataset.source", str(data))
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "--until", "calibrate", check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "logs" / "calibrate.log").read_text()
+    assert "####" in log and "Loading weights" not in log
+    assert not list((tmp_path / "results").rglob("*.safetensors"))
 
 
 @pytest.mark.slow

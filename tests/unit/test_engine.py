@@ -40,3 +40,17 @@ def test_stop_strings_and_length(random_checkpoint):
     if len(text) > 2:  # a stop string equal to the first generated characters stops at once, cut before it
         cut, _ = generate_greedy(model, tok, PROMPTS[:1], 5, batch_size=1, stop=(text[:2],))
         assert cut[0].text == "" and cut[0].stopped == "stop_string"
+
+
+def test_batched_equals_unbatched_on_the_embedded_model(embedded_model):
+    """Real completions (tens of tokens, stopping at different steps) on the shipped model, fp32 CPU."""
+    from moesweep.data.sources import load_split
+
+    model, tok, adapter = load_model(str(embedded_model))
+    install_policy(adapter, Routing("native"), RoutingContext())
+    problems = load_split({"source": "synthetic", "synthetic_seed": 1}, "test", 8, 0)
+    prompts = [f"Question: {p['question']}\nAnswer:" for p in problems]
+    batched, _ = generate_greedy(model, tok, prompts, 128, batch_size=8)
+    single, _ = generate_greedy(model, tok, prompts, 128, batch_size=1)
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert all(c.stopped == "eos" for c in batched)

@@ -108,7 +108,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     apply_map(adapter, pmap, quantized)
     betas = None
     if routing_stats_path:
-        betas = {int(k): v for k, v in io.read_json(routing_stats_path)["skip_beta"].items()}
+        stats = io.read_json(routing_stats_path, "rerun the calibrate stage (snakemake --forcerun calibrate)")
+        betas = {int(k): v for k, v in stats["skip_beta"].items()}
     context = RoutingContext()
     install_policy(adapter, cell_rec.routing, context, betas)
     if cell_rec.precision.policy == "hotcold":

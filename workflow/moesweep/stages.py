@@ -29,9 +29,9 @@ def _load(model_cfg: dict, device: str = "cpu"):
 def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: int, out_hessians: str,
                     out_heldout: str, out_stats: str, progress=None) -> None:
     torch.manual_seed(seed)
-    model, tokenizer, adapter = _load(model_cfg)
     n, n_ho = calib_cfg["n_samples"], calib_cfg["n_heldout"]
-    problems = load_split(dataset_cfg, "train", n + n_ho, seed, "calibration")
+    problems = load_split(dataset_cfg, "train", n + n_ho, seed, "calibration")  # bad data fails before the model loads
+    model, tokenizer, adapter = _load(model_cfg)
     texts = [training_text(p) for p in problems]
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
             "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed), **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
@@ -109,8 +109,8 @@ def quantize_stage(model_cfg: dict, quant_cfg: dict, bits: int, method: str, hes
 
 def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: int, out: str) -> None:
     torch.manual_seed(seed)
-    model, tokenizer, adapter = _load(model_cfg)
     problems = load_split(dataset_cfg, "train", profile_cfg["n_samples"], seed, "profile")
+    model, tokenizer, adapter = _load(model_cfg)
     rows = profile_hotness(model, tokenizer, adapter, [training_text(p) for p in problems], profile_cfg["max_length"],
                            profile_cfg.get("batch_size", 8))
     df = pd.DataFrame(rows)
