@@ -142,6 +142,8 @@ BAD_CONFIGS = [  # (path, value, words the one error message must contain)
     ("grid.1.routing.top_k", 8, "top_k=8 exceeds"),                 # k′ > k of the checkpoint
     ("grid.3.precision.memory_budget", 0.05, "below the smallest feasible"),
     ("grid", [], "grid"),                                           # empty grid
+    ("grid.3.precision.alpha", 1.5, "alpha"),                        # α ∉ (0, 1)
+    ("grid.3.precision.rate_limit", 4, "not allowed with precision policy 'hotcold'"),
     ("model.id", "/nonexistent/model", "no such directory"),
     ("dataset.source", "/nonexistent/gsm8k.jsonl", "no such file"),
     ("prompt.preset", "gsm8k_5shot", "preset"),

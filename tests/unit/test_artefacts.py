@@ -82,7 +82,7 @@ def test_two_runs_give_identical_completions(random_checkpoint, tmp_path):
     for run in ("a", "b"):
         d = tmp_path / run
         d.mkdir()
-        evaluate_cell(cell.to_dict(), settings, {}, None, None, d / "cell.json", d / "p.parquet", d / "l.parquet")
+        evaluate_cell(cell.to_dict(), settings, {}, None, None, d / "cell.json", d / "p.parquet", d / "l.parquet", d / "t.parquet")
         tables.append(pd.read_parquet(d / "p.parquet"))
         summary = json.loads((d / "cell.json").read_text())
     pd.testing.assert_frame_equal(tables[0], tables[1])

@@ -29,7 +29,7 @@ def test_cell_on_local_gsm8k_file(random_checkpoint, tmp_path):
     cell = expand_grid([{"routing": {"policy": "topk", "top_k": 1, "capacity_factor": 1.0}, "precision": {"policy": "full"}}])[0]
     out = {k: tmp_path / f"{k}" for k in ("cell.json", "problems.parquet", "layers.parquet")}
     summary = evaluate_cell(cell.to_dict(), settings(random_checkpoint, tmp_path / "test.jsonl", tmp_path / "train.jsonl"),
-                            {}, None, None, out["cell.json"], out["problems.parquet"], out["layers.parquet"])
+                            {}, None, None, out["cell.json"], out["problems.parquet"], out["layers.parquet"], tmp_path / "trace.parquet")
     assert summary["n"] == 6 and summary["n_shots"] == 5 and summary["top_k"] == 1
     assert 0 <= summary["accuracy_ci_low"] <= summary["accuracy_strict"] <= summary["accuracy_ci_high"] <= 1
     assert summary["tokens_per_s"] > 0 and summary["drop_rate"] > 0
@@ -47,5 +47,5 @@ def test_local_file_without_fewshot_source_is_refused(random_checkpoint, tmp_pat
     del s["dataset"]["fewshot_source"]
     cell = expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "full"}}])[0]
     with pytest.raises(ValueError, match="fewshot_source"):
-        evaluate_cell(cell.to_dict(), s, {}, None, None, tmp_path / "c.json", tmp_path / "p.parquet", tmp_path / "l.parquet")
+        evaluate_cell(cell.to_dict(), s, {}, None, None, tmp_path / "c.json", tmp_path / "p.parquet", tmp_path / "l.parquet", tmp_path / "t.parquet")
     assert not (tmp_path / "c.json").exists()

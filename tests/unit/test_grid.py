@@ -55,3 +55,28 @@ def test_empty_and_duplicate_grids_are_refused():
 def test_config_hash_is_stable_and_sensitive():
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_presets_validate_against_the_schema_and_expand():
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    for path in [root / "config/config.yaml", *sorted((root / "config/presets").glob("*.yaml"))]:
+        cfg = yaml.safe_load(path.read_text())
+        jsonschema.validate(cfg, schema)
+        assert expand_grid(cfg["grid"]), path
+
+
+def test_dynamic_cells_and_their_refusals():
+    cells = expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "dynamic", "bits_high": 8, "bits_low": 2,
+                                                                        "memory_budget": 0.25, "update_every": [200, 50]}}])
+    assert [c.id for c in cells] == ["native-dyn8-cold2-b0.25", "native-dyn8-cold2-b0.25-u50"]
+    assert cells[0].precision.alpha == 0.9 and cells[0].precision.rate_limit == 4
+    with pytest.raises(GridError, match=r"alpha must be in \(0, 1\)"):
+        expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "dynamic", "bits_high": 8, "bits_low": 2,
+                                                                     "memory_budget": 0.25, "alpha": 1.0}}])
+    assert expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "offload", "memory_budget": 0.5}}])[0].id == "native-offload-b0.5"

@@ -94,7 +94,12 @@ def check_config(config: dict, cells: list[Cell]) -> None:
             raise ConfigError(f"cell {c.id}: top_k={c.routing.top_k} exceeds the checkpoint's num_experts_per_tok="
                               f"{native_k}; allowed: 1..{native_k}")
         p = c.precision
-        if p.policy == "hotcold":
+        if p.policy == "offload":
+            need = 1 / (cfg.get("num_experts") or cfg.get("num_local_experts"))
+            if p.memory_budget < need:
+                raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} holds no full-precision expert per "
+                                  f"layer; allowed: {need:.4f}..1")
+        if p.policy in ("hotcold", "dynamic", "frozen"):
             need = smallest_budget(cfg, p.bits_low, config["quantization"])
             if p.memory_budget < need:
                 raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} is below the smallest feasible "

@@ -75,6 +75,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         context.valid = attention.bool().reshape(-1)
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
+        context.end_call()
         next_token = logits.argmax(-1)
         _sync(device)
         t1 = time.perf_counter()
@@ -100,6 +101,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             context.valid = torch.ones(len(live), dtype=torch.bool, device=device)
             logits = model(input_ids=next_token[:, None], attention_mask=attention, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
+            context.end_call()  # precision controllers update between forward calls
             next_token = logits.argmax(-1)
             timing.decode_steps += 1
         _sync(device)

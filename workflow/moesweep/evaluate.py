@@ -13,9 +13,10 @@ from . import io
 from .data.prompts import build_prompt, get_preset, select_fewshot
 from .data.sources import load_split
 from .engine import generate_greedy
-from .grid import Cell, config_hash
+from .grid import FULL_BITS, Cell, config_hash
 from .model import install_policy, load_model
-from .precision import apply_map, build_map, full_expert_bytes, tier_bytes
+from .dynamic import DynamicPrecision, OffloadCache
+from .precision import apply_map, build_map, expert_versions, full_expert_bytes, layer_budgets, tier_bytes
 from .routing import RoutingContext
 from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
 from .data.gsm8k import gold_answer
@@ -80,8 +81,16 @@ def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
     return load_split(pool_ds, ds.get("fewshot_split", "train"), ds.get("fewshot_pool", 1000), seed, "fewshot")
 
 
+def hotness_shares(hotness_path: str, num_experts: int) -> dict[int, torch.Tensor]:
+    """Profiled share of routed probability mass per expert: the starting hotness of dynamic precision."""
+    hotness_order(hotness_path, num_experts)  # validates the table
+    df = pd.read_parquet(hotness_path, columns=["layer", "expert", "prob_share"])
+    return {int(layer): torch.tensor(g.sort_values("expert")["prob_share"].to_numpy(), dtype=torch.float64)
+            for layer, g in df.groupby("layer")}
+
+
 def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], hotness_path: str | None,
-                  routing_stats_path: str | None, out_cell: str, out_problems: str, out_layers: str,
+                  routing_stats_path: str | None, out_cell: str, out_problems: str, out_layers: str, out_trace: str,
                   threads: int = 1, progress=None) -> dict:
     """Evaluate `cell` (a grid.Cell dict) under `settings` (model/dataset/prompt/evaluate/seed config sections)."""
     cell_rec = Cell.from_dict(cell)
@@ -104,7 +113,10 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
     hotness = hotness_order(hotness_path, adapter.num_experts) if hotness_path else None
-    pmap = build_map(cell_rec.precision, layers, adapter.num_experts, bytes_by_tier, hotness)
+    pc = cell_rec.precision
+    pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness)
+    online = pc.policy in ("dynamic", "frozen", "offload")
+    versions = expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low}) if pc.policy in ("dynamic", "frozen") else None
     apply_map(adapter, pmap, quantized)
     betas = None
     if routing_stats_path:
@@ -112,16 +124,33 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         betas = {int(k): v for k, v in stats["skip_beta"].items()}
     context = RoutingContext()
     install_policy(adapter, cell_rec.routing, context, betas)
-    if cell_rec.precision.policy == "hotcold":
-        context.hot_masks = pmap.hot_masks(cell_rec.precision.bits_high)
+    if pc.policy == "hotcold":
+        context.hot_masks = pmap.hot_masks(pc.bits_high)
+
+    def fresh_controller():
+        """A controller in its starting state (re-applied before every repeat, so repeats are identical)."""
+        full = bytes_by_tier[FULL_BITS]
+        if pc.policy == "offload":
+            return OffloadCache(full, layer_budgets(pc, full))
+        apply_map(adapter, pmap, quantized)
+        experts = {l.index: l.experts for l in adapter.layers()}
+        return DynamicPrecision(experts, pmap.hot_masks(pc.bits_high), hotness_shares(hotness_path, adapter.num_experts),
+                                versions, bytes_by_tier, pc.bits_high, pc.bits_low, layer_budgets(pc, full),
+                                pc.alpha, pc.update_every, pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
 
     # Warm-up on a few prompts (allocator, thread pools) so the clocks measure steady state.
     generate_greedy(model, tokenizer, prompts[: min(4, len(prompts))], 4, ev["batch_size"], preset.stop, context, device)
     # Repeats: null = 3 on GPU (clocks vary run to run), 1 on CPU (the sweep's time budget).
     repeats = ev.get("repeats") or (3 if device.startswith("cuda") else 1)
     runs = []
+    controller = None
     for _ in range(repeats):
         context.reset()
+        if online:
+            controller = fresh_controller()
+            context.observers = [controller]
+            if pc.policy != "offload":
+                context.hot_masks = controller.high  # live: updated in place by every transition
         completions, timing = generate_greedy(model, tokenizer, prompts, pr["max_new_tokens"], ev["batch_size"],
                                               preset.stop, context, device, progress)
         runs.append((completions, timing))
@@ -181,7 +210,17 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "experts_per_token": float(layers_df["experts_per_token"].mean()),
         "load_imbalance": float(layers_df["load_imbalance"].mean()),
         "high_precision_hit_rate": (int(layers_df["hot_hits"].sum()) / max(routed - dropped, 1)
-                                    if pc.policy == "hotcold" else (1.0 if pc.policy == "full" else 0.0)),
+                                    if pc.policy in ("hotcold", "dynamic", "frozen")
+                                    else (1.0 if pc.policy in ("full", "offload") else 0.0)),
+        "alpha": pc.alpha, "update_every": pc.update_every, "delta": pc.delta, "rate_limit": pc.rate_limit,
+        "decisions": getattr(getattr(controller, "stats", None), "decisions", None),
+        "transitions": getattr(getattr(controller, "stats", None), "transitions", None),
+        "bytes_moved": (controller.bytes_moved if isinstance(controller, OffloadCache)
+                        else getattr(getattr(controller, "stats", None), "bytes_moved", None)),
+        "swap_time_ms": (1e3 * controller.stats.swap_s if isinstance(controller, DynamicPrecision) else None),
+        "cache_misses": controller.misses if isinstance(controller, OffloadCache) else None,
+        "cache_hits": controller.hits if isinstance(controller, OffloadCache) else None,
+        "budget_utilisation": (pmap.expert_bytes / pmap.budget_bytes if pmap.budget_bytes else None),
         "expert_weight_bytes": pmap.expert_bytes, "expert_weight_bytes_16bit": pmap.full_bytes,
         "high_precision_experts": int(sum(int((b == pc.bits_high).sum()) for b in pmap.bits.values())),
         "batch_size": ev["batch_size"], "max_new_tokens": pr["max_new_tokens"], "prompt_preset": pr["preset"],
@@ -197,6 +236,10 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     }
     for k in ("top_k", "native_top_k", "bits_high", "bits_low"):
         summary[k] = int(summary[k])
+    trace = pd.DataFrame(controller.stats.trace if isinstance(controller, DynamicPrecision) else [],
+                         columns=["decision", "call", "layer", "high_experts", "hotness"])
+    trace.insert(0, "cell", cell_rec.id)
+    io.write_parquet(out_trace, trace)
     io.write_parquet(out_problems, problems_df)
     io.write_parquet(out_layers, layers_df)
     io.write_json(out_cell, summary)  # written last: its presence marks the cell complete

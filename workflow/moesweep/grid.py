@@ -13,7 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 
 ROUTING_POLICIES = ("native", "topk", "skip", "top_p")
-PRECISION_POLICIES = ("full", "uniform", "hotcold")
+PRECISION_POLICIES = ("full", "uniform", "hotcold", "dynamic", "frozen", "offload")
+# DynaExq's published Qwen3-30B-A3B settings (arXiv 2511.15015): α, T_u (forward calls), δ, transitions per decision.
+DYNAMIC_DEFAULTS = {"alpha": 0.9, "update_every": 200, "delta": 0.01, "rate_limit": 4}
 PRIORITIES = ("token_order", "score")
 QUANT_BITS = (2, 3, 4, 8)
 FULL_BITS = 16
@@ -56,13 +58,24 @@ class Precision:
     bits_high: int = FULL_BITS
     bits_low: int = FULL_BITS
     memory_budget: float | None = None  # fraction of the unquantized (16-bit) expert-weight bytes
+    alpha: float | None = None  # dynamic/frozen: hotness EMA factor
+    update_every: int | None = None  # dynamic/frozen: forward calls between decisions (T_u)
+    delta: float | None = None  # dynamic/frozen: hysteresis margin
+    rate_limit: int | None = None  # dynamic/frozen: demote-promote pairs per layer per decision
 
     def slug(self) -> str:
         if self.policy == "full":
             return "w16"
         if self.policy == "uniform":
             return f"w{self.bits_low}"
-        return f"hot{self.bits_high}-cold{self.bits_low}-b{self.memory_budget:g}"
+        if self.policy == "offload":
+            return f"offload-b{self.memory_budget:g}"
+        prefix = {"hotcold": "hot", "dynamic": "dyn", "frozen": "frozen"}[self.policy]
+        slug = f"{prefix}{self.bits_high}-cold{self.bits_low}-b{self.memory_budget:g}"
+        if self.policy in ("dynamic", "frozen"):  # parameters that differ from the published defaults
+            short = {"alpha": "a", "update_every": "u", "delta": "d", "rate_limit": "r"}
+            slug += "".join(f"-{short[k]}{getattr(self, k):g}" for k, v in DYNAMIC_DEFAULTS.items() if getattr(self, k) != v)
+        return slug
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -112,8 +125,18 @@ def _routing(spec: dict, where: str) -> Routing:
     return r
 
 
+PRECISION_KEYS = {"full": set(), "uniform": {"bits"}, "hotcold": {"bits_high", "bits_low", "memory_budget"},
+                  "offload": {"memory_budget"}}
+PRECISION_KEYS["dynamic"] = PRECISION_KEYS["frozen"] = PRECISION_KEYS["hotcold"] | set(DYNAMIC_DEFAULTS)
+
+
 def _precision(spec: dict, where: str) -> Precision:
     policy = spec.get("policy")
+    if policy in PRECISION_KEYS:
+        extra = set(spec) - {"policy"} - PRECISION_KEYS[policy]
+        if extra:
+            raise GridError(f"{where}: {', '.join(sorted(extra))} not allowed with precision policy {policy!r}; "
+                            f"allowed: {', '.join(sorted(PRECISION_KEYS[policy])) or 'none'}")
     if policy == "full":
         return Precision()
     if policy == "uniform":
@@ -121,14 +144,30 @@ def _precision(spec: dict, where: str) -> Precision:
         if bits not in QUANT_BITS:
             raise GridError(f"{where}: uniform precision bits must be one of {QUANT_BITS}, got {bits!r}")
         return Precision("uniform", bits, bits, None)
-    if policy == "hotcold":
+    if policy == "offload":
+        budget = spec.get("memory_budget")
+        if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise GridError(f"{where}: memory_budget must be a fraction in (0, 1] of the 16-bit expert bytes, got {budget!r}")
+        return Precision("offload", FULL_BITS, FULL_BITS, float(budget))
+    if policy in ("hotcold", "dynamic", "frozen"):
         hi, lo, budget = spec.get("bits_high"), spec.get("bits_low"), spec.get("memory_budget")
         if hi not in QUANT_BITS + (FULL_BITS,) or lo not in QUANT_BITS or lo >= hi:
             raise GridError(f"{where}: hotcold needs bits_high in {QUANT_BITS + (FULL_BITS,)} and bits_low in "
                             f"{QUANT_BITS} with bits_low < bits_high, got ({hi!r}, {lo!r})")
         if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise GridError(f"{where}: memory_budget must be a fraction in (0, 1] of the 16-bit expert bytes, got {budget!r}")
-        return Precision("hotcold", hi, lo, float(budget))
+        if policy == "hotcold":
+            return Precision("hotcold", hi, lo, float(budget))
+        params = {k: spec.get(k, v) for k, v in DYNAMIC_DEFAULTS.items()}
+        if not 0 < params["alpha"] < 1:
+            raise GridError(f"{where}: alpha must be in (0, 1), got {params['alpha']!r}")
+        if not (isinstance(params["update_every"], int) and params["update_every"] >= 1):
+            raise GridError(f"{where}: update_every must be an integer ≥ 1 (forward calls), got {params['update_every']!r}")
+        if not params["delta"] >= 0:
+            raise GridError(f"{where}: delta must be ≥ 0, got {params['delta']!r}")
+        if not (isinstance(params["rate_limit"], int) and params["rate_limit"] >= 1):
+            raise GridError(f"{where}: rate_limit must be an integer ≥ 1, got {params['rate_limit']!r}")
+        return Precision(policy, hi, lo, float(budget), **params)
     raise GridError(f"{where}: unknown precision policy {policy!r}; allowed: {', '.join(PRECISION_POLICIES)}")
 
 

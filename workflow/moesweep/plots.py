@@ -123,7 +123,7 @@ def quant_error(errors: pd.DataFrame, path: str) -> None:
 def precision_budget(cells: pd.DataFrame, path: str) -> None:
     """Accuracy and expert-weight memory of each precision policy (full, uniform widths, hot/cold budgets)."""
     sns.set_theme(style="whitegrid")
-    d = cells[cells["routing_policy"] == "native"].copy()
+    d = cells[(cells["routing_policy"] == "native") & cells["precision_policy"].isin(["full", "uniform", "hotcold"])].copy()
     d["memory_fraction"] = d["expert_weight_bytes"] / d["expert_weight_bytes_16bit"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for pol, g in d.groupby("precision_policy"):
@@ -151,4 +151,44 @@ def load_imbalance(layers: pd.DataFrame, path: str) -> None:
                 cbar_kws={"label": "max / mean assignments per expert (1 = balanced)"})
     ax.set_title("Expert load imbalance per layer (evaluation traffic, prefill + decode)", fontsize=10)
     ax.set_ylabel("")
+    _save(fig, path)
+
+
+def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
+    """Dynamic vs static hot/cold vs frozen vs offloading at each memory budget (accuracy and tokens/s)."""
+    sns.set_theme(style="whitegrid")
+    policies = ["hotcold", "frozen", "dynamic", "offload"]
+    d = cells[cells["precision_policy"].isin(policies)].copy()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    if d.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no budgeted precision cells in this grid", ha="center", transform=ax.transAxes)
+        _save(fig, path)
+        return
+    d["tiers"] = np.where(d["precision_policy"] == "offload", "16 (LRU)",
+                          d["bits_high"].astype(str) + "/" + d["bits_low"].astype(str))
+    d["budget"] = (100 * d["memory_budget"]).round(1).astype(str) + " %"
+    d["group"] = d["budget"] + "\n" + d["tiers"]
+    order = d.sort_values(["memory_budget", "tiers"])["group"].unique()
+    hue_order = [p for p in policies if p in set(d["precision_policy"])]
+    for ax, col, label in ((axes[0], "accuracy_strict", "accuracy, strict (%)"), (axes[1], "tokens_per_s", "tokens / s")):
+        scale = 100 if col == "accuracy_strict" else 1
+        sns.barplot(data=d.assign(v=scale * d[col]), x="group", y="v", hue="precision_policy", order=order,
+                    hue_order=hue_order, ax=ax, errorbar=None)
+        if col == "accuracy_strict":  # Wilson intervals on the bars
+            for bars, pol in zip(ax.containers, hue_order):
+                for bar, grp in zip(bars, order):
+                    r = d[(d["group"] == grp) & (d["precision_policy"] == pol)]
+                    if len(r):
+                        r = r.iloc[0]
+                        x = bar.get_x() + bar.get_width() / 2
+                        ax.errorbar(x, 100 * r["accuracy_strict"], yerr=[[100 * (r["accuracy_strict"] - r["accuracy_ci_low"])],
+                                    [100 * (r["accuracy_ci_high"] - r["accuracy_strict"])]], color="black", capsize=2, lw=1)
+        ax.set_xlabel("memory budget (% of 16-bit expert bytes) · tiers high/low bits")
+        ax.set_ylabel(label)
+        ax.legend(title="precision policy", fontsize=8)
+    full = cells[(cells["routing_policy"] == "native") & (cells["precision_policy"] == "full")]
+    if not full.empty:
+        axes[0].axhline(100 * full.iloc[0]["accuracy_strict"], color="black", ls="--", lw=1)
+    fig.suptitle("Expert precision under a memory budget (dashed: full precision) · " + _subtitle(cells), fontsize=10)
     _save(fig, path)

@@ -50,9 +50,9 @@ def tier_bytes(quantized: dict[int, dict], layers: list[int], full: dict[int, to
 
 
 def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_by_tier, hotness=None) -> PrecisionMap:
-    """Uniform or hot/cold map. Hot/cold: per layer the largest N such that the N hottest experts (by profiled
-    routed probability mass) at bits_high and the rest at bits_low fit the layer's share of the budget
-    (budget × 16-bit bytes, split uniformly over layers)."""
+    """Uniform or hot/cold map (also the starting map of dynamic and frozen). Hot/cold: per layer the largest N
+    such that the N hottest experts (by profiled routed probability mass) at bits_high and the rest at bits_low
+    fit the layer's share of the budget (budget × 16-bit bytes, split uniformly over layers)."""
     full = bytes_by_tier[FULL_BITS]
     full_total = int(sum(int(full[i].sum()) for i in layers))
     if precision.policy == "full":
@@ -62,6 +62,13 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
         bits = {i: torch.full((num_experts,), precision.bits_low) for i in layers}
         used = sum(int(bytes_by_tier[precision.bits_low][i].sum()) for i in layers)
         return PrecisionMap(bits, used, full_total, None)
+
+    if precision.policy == "offload":
+        # Weights stay at full precision; what is resident is a per-layer LRU cache of whole experts.
+        bits = {i: torch.full((num_experts,), FULL_BITS) for i in layers}
+        resident = sum(int(precision.memory_budget * int(full[i].sum())) // int(full[i].max()) * int(full[i].max())
+                       for i in layers)
+        return PrecisionMap(bits, resident, full_total, int(precision.memory_budget * full_total))
 
     hi, lo = precision.bits_high, precision.bits_low
     bits, used = {}, 0
@@ -98,3 +105,25 @@ def apply_map(adapter, pmap: PrecisionMap, quantized: dict[int, dict]) -> None:
                 target = getattr(l.experts, name)
                 dq = dequantize(quantized[bits][f"layers.{l.index}.{name}"], dtype=target.dtype)
                 target[experts] = dq[experts].to(target.device)
+
+
+def layer_budgets(precision: Precision, full: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Per-layer byte budget: memory_budget × the layer's 16-bit expert bytes."""
+    return {i: int(precision.memory_budget * int(b.sum())) for i, b in full.items()}
+
+
+@torch.no_grad()
+def expert_versions(adapter, quantized: dict[int, dict], widths) -> dict[int, dict[int, dict[str, torch.Tensor]]]:
+    """versions[bits][layer][projection] = [E, out, in] weights of every expert at that width (16 = current)."""
+    from .quant import dequantize
+
+    out = {}
+    for bits in widths:
+        out[bits] = {}
+        for l in adapter.layers():
+            out[bits][l.index] = {}
+            for name in ("gate_up_proj", "down_proj"):
+                target = getattr(l.experts, name)
+                out[bits][l.index][name] = (target.detach().clone() if bits == FULL_BITS else
+                                            dequantize(quantized[bits][f"layers.{l.index}.{name}"], dtype=target.dtype))
+    return out

@@ -18,7 +18,7 @@ def table_schema(table: str):
     import yaml
 
     types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
-             "list<int64>": pa.list_(pa.int64())}
+             "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64())}
     columns = yaml.safe_load(SCHEMA_FILE.read_text())[table]
     return pa.schema([(name, types[spec[0]]) for name, spec in columns.items()])
 
@@ -72,7 +72,8 @@ def _read_parquet(path: str) -> pd.DataFrame:
 
 
 def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list[str], out_cells: str,
-              out_problems: str, out_layers: str, out_csv: str) -> pd.DataFrame:
+              out_problems: str, out_layers: str, out_csv: str, trace_files: list[str] = (),
+              out_trace: str | None = None) -> pd.DataFrame:
     cells = pd.DataFrame([io.read_json(p, _rebuild_hint(p)) for p in cell_jsons])
     problems = pd.concat([_read_parquet(p) for p in problem_files], ignore_index=True)
     layers = pd.concat([_read_parquet(p) for p in layer_files], ignore_index=True)
@@ -86,6 +87,10 @@ def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list
     io.write_parquet(out_problems, _typed(problems, "problems"))
     io.write_parquet(out_layers, _typed(layers, "layers"))
     io.write_text(out_csv, cells.to_csv(index=False))
+    if out_trace:
+        traces = [t for t in (_read_parquet(p) for p in trace_files) if len(t)]
+        trace = pd.concat(traces, ignore_index=True) if traces else pd.DataFrame(columns=table_schema("trace").names)
+        io.write_parquet(out_trace, _typed(trace, "trace"))
     return cells
 
 

@@ -57,9 +57,16 @@ class RoutingContext:
         self.stats: dict[int, LayerRoutingStats] = {}
         self.hot_masks: dict[int, torch.Tensor] = {}
         self.record = True
+        # Precision controllers (dynamic precision, offload cache) that see every router output and the end
+        # of every forward call.
+        self.observers: list = []
 
     def reset(self):
         self.stats.clear()
+
+    def end_call(self):
+        for obs in self.observers:
+            obs.end_call()
 
 
 def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
@@ -157,6 +164,10 @@ class PolicyRouter(nn.Module):
                                                   valid, self.skip_beta)
         if self.context.record:
             self._account(index, keep_policy, keep, valid, probs.shape[0])
+        if self.context.observers:
+            selected = probs.gather(1, index.clamp_max(self.num_experts - 1))
+            for obs in self.context.observers:
+                obs.observe(self.layer, index, selected, keep)
         return router_logits, weights.to(router_logits.dtype), index
 
     @torch.no_grad()
@@ -167,7 +178,7 @@ class PolicyRouter(nn.Module):
         stats.dropped += int((keep_policy & ~keep).sum())
         kept_experts = index[keep]
         stats.load += torch.bincount(kept_experts, minlength=self.num_experts).cpu()
-        hot = self.context.hot_masks.get(self.layer)
+        hot = self.context.hot_masks.get(self.layer)  # live view: dynamic precision updates it in place
         if hot is not None:
             stats.hot_hits += int(hot[kept_experts].sum())
 

@@ -4,11 +4,13 @@ rule aggregate:
         cells=cell_outputs("cell.json"),
         problems=cell_outputs("problems.parquet"),
         layers=cell_outputs("layers.parquet"),
+        traces=cell_outputs("trace.parquet"),
     output:
         cells=report("results/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
         problems="results/summary/problems.parquet",
         layers="results/summary/layers.parquet",
         csv=report("results/summary/cells.csv", caption="../report/cells.rst", category="Tables"),
+        trace="results/summary/trace.parquet",
     log:
         "logs/aggregate.log",
     benchmark:
@@ -26,6 +28,7 @@ rule plot_trade_off:
         pareto=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
         capacity=report("results/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
         budget=report("results/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
+        dynamic=report("results/figures/dynamic_precision.png", caption="../report/dynamic_precision.rst", category="Trade-off"),
         imbalance=report("results/figures/load_imbalance.png", caption="../report/load_imbalance.rst", category="Routing"),
     log:
         "logs/plot_trade_off.log",

@@ -53,7 +53,7 @@ def evaluate_inputs(wildcards):
     inputs = {"model": model_files()}
     for bits in cell.precision.widths:
         inputs[f"w{bits}"] = quantized_file(bits)
-    if cell.precision.policy == "hotcold":
+    if cell.precision.policy in ("hotcold", "dynamic", "frozen"):
         inputs["hotness"] = "results/profile/hotness.parquet"
     if cell.routing.policy == "skip":
         inputs["routing_stats"] = "results/calibration/routing_stats.json"
@@ -75,6 +75,8 @@ def all_outputs():
         "results/figures/capacity_factor.png",
         "results/figures/precision_budget.png",
         "results/figures/load_imbalance.png",
+        "results/figures/dynamic_precision.png",
+        "results/summary/trace.parquet",
         "results/figures/hotness.png",
         "results/figures/quant_error.png",
     ]

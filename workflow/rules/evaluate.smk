@@ -6,6 +6,7 @@ rule evaluate:
         cell="results/cells/{cell}/cell.json",
         problems="results/cells/{cell}/problems.parquet",
         layers="results/cells/{cell}/layers.parquet",
+        trace="results/cells/{cell}/trace.parquet",
     params:
         cell=lambda wc: CELL_BY_ID[wc.cell].to_dict(),
         settings=stage_settings(),

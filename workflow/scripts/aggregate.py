@@ -5,4 +5,4 @@ from moesweep.results import aggregate
 with log_to(snakemake.log[0]):
     o = snakemake.output
     aggregate(list(snakemake.input.cells), list(snakemake.input.problems), list(snakemake.input.layers),
-              o.cells, o.problems, o.layers, o.csv)
+              o.cells, o.problems, o.layers, o.csv, list(snakemake.input.traces), o.trace)

@@ -7,4 +7,4 @@ with log_to(snakemake.log[0]):
     quantized = {int(k[1:]): inp[k] for k in inp.keys() if k.startswith("w") and k[1:].isdigit()}
     evaluate_cell(snakemake.params.cell, snakemake.params.settings, quantized,
                   inp.get("hotness"), inp.get("routing_stats"), snakemake.output.cell,
-                  snakemake.output.problems, snakemake.output.layers, threads=snakemake.threads, progress=progress)
+                  snakemake.output.problems, snakemake.output.layers, snakemake.output.trace, threads=snakemake.threads, progress=progress)

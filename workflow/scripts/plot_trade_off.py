@@ -1,4 +1,4 @@
-"""Rule plot_trade_off → moesweep.plots (pareto, capacity_factor, precision_budget, load_imbalance)."""
+"""Rule plot_trade_off → moesweep.plots (pareto, capacity_factor, precision_budget, dynamic_precision, load_imbalance)."""
 import pandas as pd
 
 from moesweep import plots
@@ -9,4 +9,5 @@ with log_to(snakemake.log[0]):
     plots.pareto(cells, snakemake.output.pareto)
     plots.capacity_factor(cells, snakemake.output.capacity)
     plots.precision_budget(cells, snakemake.output.budget)
+    plots.dynamic_precision(cells, snakemake.output.dynamic)
     plots.load_imbalance(pd.read_parquet(snakemake.input.layers), snakemake.output.imbalance)
