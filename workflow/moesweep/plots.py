@@ -43,9 +43,12 @@ def pareto(cells: pd.DataFrame, path: str) -> None:
     front = cells[cells["pareto"]].sort_values("tokens_per_s")
     ax.step(front["tokens_per_s"], 100 * front["accuracy_strict"], where="pre", ls="--", color="black", lw=1.2,
             label="Pareto frontier", zorder=0)
-    for _, r in cells.iterrows():
+    # Name the frontier, the reference and single-cell families; the rest are told apart by the legend and
+    # by the per-family figures (capacity factor, precision budget), which keeps this one readable.
+    singles = cells["policy"].map(cells["policy"].value_counts()) == 1
+    for _, r in cells[cells["pareto"] | singles].iterrows():
         ax.annotate(r["cell"], (r["tokens_per_s"], 100 * r["accuracy_strict"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points", color="black" if r["pareto"] else "dimgray")
+                    textcoords="offset points", color="black")
     ax.set_xlabel("tokens / s (median over repeats)")
     ax.set_ylabel("accuracy, strict match (%) ± Wilson 95 %")
     ax.set_title("Accuracy vs throughput per grid cell\n" + _subtitle(cells), fontsize=10)
@@ -165,28 +168,29 @@ def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
             ax.text(0.5, 0.5, "no budgeted precision cells in this grid", ha="center", transform=ax.transAxes)
         _save(fig, path)
         return
-    d["tiers"] = np.where(d["precision_policy"] == "offload", "16 (LRU)",
-                          d["bits_high"].astype(str) + "/" + d["bits_low"].astype(str))
-    d["budget"] = (100 * d["memory_budget"]).round(1).astype(str) + " %"
-    d["group"] = d["budget"] + "\n" + d["tiers"]
-    order = d.sort_values(["memory_budget", "tiers"])["group"].unique()
-    hue_order = [p for p in policies if p in set(d["precision_policy"])]
+    tiers = np.where(d["precision_policy"] == "offload", "16-bit LRU",
+                     d["bits_high"].astype(str) + "/" + d["bits_low"].astype(str) + " bit")
+    d["variant"] = d["precision_policy"] + " " + tiers
+    d["group"] = (100 * d["memory_budget"]).round(1).astype(str) + " %"
+    order = d.sort_values("memory_budget")["group"].unique()
+    rank = {p: i for i, p in enumerate(policies)}
+    hue_order = sorted(d["variant"].unique(), key=lambda v: (rank[v.split()[0]], v))
     for ax, col, label in ((axes[0], "accuracy_strict", "accuracy, strict (%)"), (axes[1], "tokens_per_s", "tokens / s")):
         scale = 100 if col == "accuracy_strict" else 1
-        sns.barplot(data=d.assign(v=scale * d[col]), x="group", y="v", hue="precision_policy", order=order,
+        sns.barplot(data=d.assign(v=scale * d[col]), x="group", y="v", hue="variant", order=order,
                     hue_order=hue_order, ax=ax, errorbar=None)
         if col == "accuracy_strict":  # Wilson intervals on the bars
             for bars, pol in zip(ax.containers, hue_order):
                 for bar, grp in zip(bars, order):
-                    r = d[(d["group"] == grp) & (d["precision_policy"] == pol)]
+                    r = d[(d["group"] == grp) & (d["variant"] == pol)]
                     if len(r):
                         r = r.iloc[0]
                         x = bar.get_x() + bar.get_width() / 2
                         ax.errorbar(x, 100 * r["accuracy_strict"], yerr=[[100 * (r["accuracy_strict"] - r["accuracy_ci_low"])],
                                     [100 * (r["accuracy_ci_high"] - r["accuracy_strict"])]], color="black", capsize=2, lw=1)
-        ax.set_xlabel("memory budget (% of 16-bit expert bytes) · tiers high/low bits")
+        ax.set_xlabel("expert memory budget (% of the 16-bit expert bytes)")
         ax.set_ylabel(label)
-        ax.legend(title="precision policy", fontsize=8)
+        ax.legend(title="precision policy, tiers", fontsize=8, loc="lower right")
     full = cells[(cells["routing_policy"] == "native") & (cells["precision_policy"] == "full")]
     if not full.empty:
         axes[0].axhline(100 * full.iloc[0]["accuracy_strict"], color="black", ls="--", lw=1)
