@@ -84,7 +84,7 @@ def test_hub_path_calls_load_dataset_with_id_config_split(monkeypatch):
         calls.append((path, name, split, kwargs))
         return datasets.Dataset.from_list(RECORDS)  # what the download would have produced
 
-    monkeypatch.setattr(gsm8k.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     records = load_gsm8k("openai/gsm8k", "main", "test")
     assert calls == [("openai/gsm8k", "main", "test", {})]
     assert [r["id"] for r in records] == ["test-00000", "test-00001", "test-00002"]
@@ -92,7 +92,7 @@ def test_hub_path_calls_load_dataset_with_id_config_split(monkeypatch):
 
 
 def test_hub_path_empty_split(monkeypatch):
-    monkeypatch.setattr(gsm8k.datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([]))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([]))
     with pytest.raises(ValueError, match=r"openai/gsm8k: no records in split 'test'"):
         load_gsm8k("openai/gsm8k")
 

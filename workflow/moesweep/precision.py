@@ -40,10 +40,10 @@ def full_expert_bytes(adapter) -> dict[int, torch.Tensor]:
 
 def tier_bytes(quantized: dict[int, dict], layers: list[int], full: dict[int, torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
     """bytes[bits][layer] = [E] exact bytes per expert version; `quantized[bits]` = loaded quant file."""
-    from .quant import expert_nbytes
-
     out = {FULL_BITS: full}
     for bits, tensors in quantized.items():
+        from .quant import expert_nbytes  # only when quantized tiers are used (needs llm-compressor)
+
         out[bits] = {i: expert_nbytes(tensors[f"layers.{i}.gate_up_proj"]) + expert_nbytes(tensors[f"layers.{i}.down_proj"])
                      for i in layers}
     return out
@@ -95,11 +95,11 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
 @torch.no_grad()
 def apply_map(adapter, pmap: PrecisionMap, quantized: dict[int, dict]) -> None:
     """Materialise each expert's chosen version into the model's fused tensors (dequantised)."""
-    from .quant import dequantize
-
     for l in adapter.layers():
         widths = pmap.bits[l.index]
         for bits in sorted(set(widths.tolist()) - {FULL_BITS}):
+            from .quant import dequantize  # only for quantized tiers (needs llm-compressor)
+
             experts = (widths == bits).nonzero().flatten()
             for name in ("gate_up_proj", "down_proj"):
                 target = getattr(l.experts, name)

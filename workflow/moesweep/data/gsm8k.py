@@ -11,7 +11,6 @@ import os
 import random
 import re
 
-import datasets
 
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 REQUIRED_FIELDS = ("question", "answer")
@@ -40,6 +39,8 @@ def load_gsm8k(source: str, config_name: str = "main", split: str = "test") -> l
     elif os.path.isfile(source):
         raise ValueError(f"{source}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_LOADERS)}")
     else:
+        import datasets  # here, not at module level: evaluation on the synthetic set must not need it
+
         table = datasets.load_dataset(source, config_name, split=split)
     if len(table) == 0:
         raise ValueError(f"{source}: no records in split {split!r}")
@@ -59,6 +60,8 @@ def _load_local(path: str, suffix: str, split: str):
         raise ValueError(f"{path}: file is empty")
     # data_files keyed by `split` so the split name (and so the default ids) match the hub layout.
     try:
+        import datasets
+
         return datasets.load_dataset(LOCAL_LOADERS[suffix], data_files={split: path}, split=split)
     except Exception as err:  # datasets raises several types for unreadable files; one message for all
         raise ValueError(f"{path}: cannot be read as {LOCAL_LOADERS[suffix]} records ({err})") from err
