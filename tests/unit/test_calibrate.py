@@ -42,3 +42,16 @@ def test_hotness_shares_sum_to_one(random_checkpoint):
         assert abs(sum(r["prob_share"] for r in layer_rows) - 1) < 1e-9
         assert abs(sum(r["selection_share"] for r in layer_rows) - 1) < 1e-9
         assert sorted(r["hotness_rank"] for r in layer_rows) == list(range(adapter.num_experts))
+
+
+def test_all_tokens_mode_gives_every_expert_every_token(random_checkpoint):
+    model, tok, adapter = load_model(str(random_checkpoint))
+    routed = collect_calibration(model, tok, adapter, TEXTS, max_length=64, batch_size=3)
+    every = collect_calibration(model, tok, adapter, TEXTS, max_length=64, batch_size=3, expert_inputs="all")
+    for key, counts in every.token_counts.items():
+        assert (counts == every.tokens).all()
+        assert int(routed.token_counts[key].sum()) == every.tokens * adapter.top_k
+    layer = adapter.layers()[0].index
+    h = every.hessians[f"layers.{layer}.gate_up_proj"]
+    torch.testing.assert_close(h[0], h[-1])  # the same inputs reach every expert's gate_up projection
+    assert routed.skip_beta == every.skip_beta  # routing, and so everything downstream, is unchanged

@@ -55,8 +55,15 @@ class _RouterObserver(torch.nn.Module):
 
 @torch.inference_mode()
 def collect_calibration(model, tokenizer, adapter, texts: list[str], max_length: int, batch_size: int = 8,
-                        device: str = "cpu", progress=None) -> CalibrationResult:
-    """One teacher-forced pass with native routing; Hessians accumulated in float64 for stability, stored in float32."""
+                        device: str = "cpu", progress=None, expert_inputs: str = "routed") -> CalibrationResult:
+    """One teacher-forced pass with native routing; Hessians accumulated in float64 for stability, stored in float32.
+
+    expert_inputs: "routed" = each expert's Hessians from the tokens routed to it (rare experts see few);
+    "all" = every calibration token through every expert (as MoE-specific PTQ work does), while the layer's
+    output still uses the native routing, so later layers see the real distribution.
+    """
+    if expert_inputs not in ("routed", "all"):
+        raise ValueError(f"expert_inputs must be 'routed' or 'all', got {expert_inputs!r}")
     context = RoutingContext()
     install_policy(adapter, Routing("native"), context)
     layers = adapter.layers()
@@ -74,8 +81,18 @@ def collect_calibration(model, tokenizer, adapter, texts: list[str], max_length:
             hess[key][expert] += a.T @ a
         counts[layer_idx][expert] += x.shape[0]
 
+    def all_tokens_hook(module, args):
+        x = args[0][context.valid] if context.valid is not None else args[0]
+        for e in range(E):
+            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+            observer(module.moesweep_layer, e, x, module.act_fn(gate) * up)
+
+    handles = []
     for l in layers:
-        l.experts.moesweep_observer = observer
+        if expert_inputs == "routed":
+            l.experts.moesweep_observer = observer
+        else:
+            handles.append(l.experts.register_forward_pre_hook(all_tokens_hook))
         adapter.install_router(l, _RouterObserver(l.router, ratios[l.index]))
     total = 0
     try:
@@ -85,6 +102,8 @@ def collect_calibration(model, tokenizer, adapter, texts: list[str], max_length:
             model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=False)
             total += int(attention.sum())
     finally:
+        for h in handles:
+            h.remove()
         for l in adapter.layers():
             l.experts.moesweep_observer = None
             adapter.install_router(l, l.router.inner)

@@ -68,23 +68,24 @@ def smallest_budget(cfg: dict, bits_low: int, quant: dict) -> float:
     return low / (3 * H * I * 2)
 
 
-def check_data_source(dataset: dict, key: str = "source") -> None:
+def check_data_source(dataset: dict, key: str = "source", section: str = "dataset") -> None:
     source = dataset.get(key)
     if not source or source == "synthetic" or not is_local(source):
         return
     p = Path(source).expanduser()
     if p.suffix not in DATA_SUFFIXES:
-        raise ConfigError(f"dataset.{key} {source!r}: a local file must end in {', '.join(DATA_SUFFIXES)} "
+        raise ConfigError(f"{section}.{key} {source!r}: a local file must end in {', '.join(DATA_SUFFIXES)} "
                           f"(or use 'synthetic' or a hub id such as 'openai/gsm8k')")
     if not p.is_file():
-        raise ConfigError(f"dataset.{key} {source!r}: no such file")
+        raise ConfigError(f"{section}.{key} {source!r}: no such file")
     if p.stat().st_size == 0:
-        raise ConfigError(f"dataset.{key} {source!r}: the file is empty")
+        raise ConfigError(f"{section}.{key} {source!r}: the file is empty")
 
 
 def check_config(config: dict, cells: list[Cell]) -> None:
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
+    check_data_source(config.get("calibration", {}), "source", "calibration")
     cfg = read_local_model_config(config["model"]["id"])
     if cfg is None:
         return

@@ -30,14 +30,18 @@ def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: i
                     out_heldout: str, out_stats: str, progress=None) -> None:
     torch.manual_seed(seed)
     n, n_ho = calib_cfg["n_samples"], calib_cfg["n_heldout"]
-    problems = load_split(dataset_cfg, "train", n + n_ho, seed, "calibration")  # bad data fails before the model loads
+    source = {**dataset_cfg, "source": calib_cfg.get("source") or dataset_cfg["source"],
+              "config_name": calib_cfg.get("config_name") or dataset_cfg.get("config_name", "main")}
+    # bad data fails here, before the model loads
+    problems = load_split(source, calib_cfg.get("split", "train"), n + n_ho, seed, "calibration")
     model, tokenizer, adapter = _load(model_cfg)
     texts = [training_text(p) for p in problems]
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
             "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed), **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
     for part, sub, out in (("calibration", texts[:n], out_hessians), ("heldout", texts[n:], out_heldout)):
         res = collect_calibration(model, tokenizer, adapter, sub, calib_cfg["max_length"],
-                                  calib_cfg.get("batch_size", 8), progress=progress)
+                                  calib_cfg.get("batch_size", 8), progress=progress,
+                                  expert_inputs=calib_cfg.get("expert_inputs", "routed"))
         log.info("%s: %d tokens through %d layers", part, res.tokens, len(res.token_counts))
         tensors = {f"hessian.{k}": v for k, v in res.hessians.items()}
         tensors.update({f"tokens.{k}": v for k, v in res.token_counts.items()})
