@@ -216,3 +216,20 @@ def test_sigkill_mid_grid_then_rerun_finishes_only_the_rest(micro_run, tmp_path)
     p1 = pd.read_parquet(workdir / "results/summary/problems.parquet").sort_values(by, ignore_index=True)
     p2 = pd.read_parquet(micro_run / "results/summary/problems.parquet").sort_values(by, ignore_index=True)
     pd.testing.assert_series_equal(p1["completion"], p2["completion"])
+
+
+@pytest.mark.slow
+def test_corrupt_calibration_is_named_and_rebuilt(micro_run, tmp_path):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(micro_run, workdir, symlinks=True)
+    hessians = workdir / "results/calibration/hessians.safetensors"
+    hessians.write_bytes(hessians.read_bytes()[: hessians.stat().st_size // 2])
+    failed = snakemake(workdir, "--forcerun", "quantize", check=False)
+    assert failed.returncode != 0
+    log = (workdir / "logs/quantize/gptq-w2.log").read_text()
+    assert "hessians.safetensors: unreadable calibration file" in log and "--forcerun calibrate" in log
+    snakemake(workdir, "--forcerun", "calibrate")  # the rebuild the message names
+    assert planned_jobs(workdir) == {}
+    rebuilt = pd.read_parquet(workdir / "results/summary/cells.parquet").sort_values("cell", ignore_index=True)
+    original = pd.read_parquet(micro_run / "results/summary/cells.parquet").sort_values("cell", ignore_index=True)
+    pd.testing.assert_series_equal(rebuilt["accuracy_strict"], original["accuracy_strict"])
