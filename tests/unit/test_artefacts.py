@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from moesweep.evaluate import evaluate_cell, hotness_order, load_quantized_tiers
 from moesweep.grid import expand_grid

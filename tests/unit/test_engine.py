@@ -1,5 +1,4 @@
 """Reference engine: batched = unbatched completions, no padding counted, stop handling."""
-import torch
 
 from moesweep.engine import generate_greedy
 from moesweep.model import install_policy, load_model

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moesweep.data import gsm8k
 from moesweep.data.gsm8k import gold_answer, load_gsm8k, subsample
 
 RECORDS = [
