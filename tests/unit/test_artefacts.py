@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from moesweep.evaluate import evaluate_cell, hotness_order, load_quantized_tiers
+from moesweep.evaluate import evaluate_cell, load_quantized_tiers, read_hotness
 from moesweep.grid import expand_grid
 from moesweep.io import ArtefactError
 from moesweep.results import aggregate
@@ -56,13 +56,15 @@ def test_quantized_file_truncated_or_foreign(calibration, random_checkpoint, tmp
 
 def test_hotness_table_corrupt_or_for_another_model(tmp_path):
     path = tmp_path / "hotness.parquet"
-    pd.DataFrame({"layer": [0] * 4, "expert": range(4), "hotness_rank": [2, 0, 1, 3]}).to_parquet(path)
-    assert hotness_order(str(path), 4) == {0: [1, 2, 0, 3]}
+    pd.DataFrame({"layer": [0] * 4, "expert": range(4), "hotness_rank": [2, 0, 1, 3],
+                  "prob_share": [0.2, 0.4, 0.3, 0.1]}).to_parquet(path)
+    order, shares = read_hotness(str(path), 4)
+    assert order == {0: [1, 2, 0, 3]} and shares[0].tolist() == [0.2, 0.4, 0.3, 0.1]
     with pytest.raises(ArtefactError, match="does not rank 8 experts .* --forcerun profile"):
-        hotness_order(str(path), 8)
+        read_hotness(str(path), 8)
     truncate(path)
     with pytest.raises(ArtefactError, match="unreadable hotness table"):
-        hotness_order(str(path), 4)
+        read_hotness(str(path), 4)
 
 
 def test_corrupt_cell_output_names_the_cell_to_rebuild(tmp_path):

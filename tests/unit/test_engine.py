@@ -36,9 +36,10 @@ def test_stop_strings_and_length(random_checkpoint):
     assert all(c.generated_tokens <= 5 for c in out)
     assert all(c.stopped in ("eos", "stop_string", "length") for c in out)
     text = out[0].text
-    if len(text) > 2:  # a stop string equal to the first generated characters stops at once, cut before it
-        cut, _ = generate_greedy(model, tok, PROMPTS[:1], 5, batch_size=1, stop=(text[:2],))
-        assert cut[0].text == "" and cut[0].stopped == "stop_string"
+    assert len(text) > 2
+    # a stop string equal to the first generated characters stops at once, and the text is cut before it
+    cut, _ = generate_greedy(model, tok, PROMPTS[:1], 5, batch_size=1, stop=(text[:2],))
+    assert cut[0].text == "" and cut[0].stopped == "stop_string"
 
 
 def test_batched_equals_unbatched_on_the_embedded_model(embedded_model):

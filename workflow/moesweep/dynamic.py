@@ -52,8 +52,10 @@ class DynamicPrecision:
         self.frozen = frozen
         self.stats = DynamicStats()
         self._mass = {i: torch.zeros_like(s) for i, s in self.score.items()}
-        for i in self.high:
+        for i, mask in self.high.items():  # (re)write the starting map: a new controller = a fresh start
             self.assert_budget(i)
+            for e in range(mask.shape[0]):
+                self._write(i, e, bool(mask[e]))
         self._record_trace()
 
     def resident_bytes(self, layer: int) -> int:
@@ -99,12 +101,15 @@ class DynamicPrecision:
         self.stats.swap_s += time.perf_counter() - start
 
     @torch.no_grad()
-    def _set(self, layer: int, expert: int, high: bool) -> None:
-        bits = self.hi if high else self.lo
-        for name, tensor in self.versions[bits][layer].items():
+    def _write(self, layer: int, expert: int, high: bool) -> None:
+        for name, tensor in self.versions[self.hi if high else self.lo][layer].items():
             getattr(self.layers[layer], name)[expert] = tensor[expert]
+
+    def _set(self, layer: int, expert: int, high: bool) -> None:
+        """A transition: write the other version and count its bytes."""
+        self._write(layer, expert, high)
         self.high[layer][expert] = high
-        self.stats.bytes_moved += int(self.bytes[bits][layer][expert])
+        self.stats.bytes_moved += int(self.bytes[self.hi if high else self.lo][layer][expert])
 
     def _record_trace(self) -> None:
         for i in self.high:

@@ -119,12 +119,12 @@ def _finish(tokenizer, i, toks, eos, stop, max_new_tokens, completions) -> bool:
     if toks[-1] == eos:
         completions[i] = Completion(i, tokenizer.decode(toks[:-1], skip_special_tokens=True), len(toks), "eos")
         return True
-    if stop:
+    # A stop string completed by this token lies within its last len(stop) tokens (every token is ≥ 1 byte),
+    # so only that tail is decoded each step; the whole text is decoded once, when it is found.
+    if stop and _first_stop(tokenizer.decode(toks[-max(map(len, stop)):], skip_special_tokens=True), stop) >= 0:
         text = tokenizer.decode(toks, skip_special_tokens=True)
-        cut = _first_stop(text, stop)
-        if cut >= 0:
-            completions[i] = Completion(i, text[:cut], len(toks), "stop_string")
-            return True
+        completions[i] = Completion(i, text[:_first_stop(text, stop)], len(toks), "stop_string")
+        return True
     if len(toks) >= max_new_tokens:
         completions[i] = Completion(i, tokenizer.decode(toks, skip_special_tokens=True), len(toks), "length")
         return True

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import transformers
 
 from . import io
 from .data.prompts import build_prompt, get_preset, select_fewshot
@@ -52,17 +53,22 @@ def load_quantized_tiers(paths: dict[int, str], model_id: str) -> dict[int, dict
     return {bits: load_quantized(path, {"model_id": str(model_id), "bits": bits})[0] for bits, path in paths.items()}
 
 
-def hotness_order(hotness_path: str, num_experts: int) -> dict[int, list[int]]:
-    """Expert ids per layer, hottest first, from the profile stage's table (validated)."""
+def read_hotness(hotness_path: str, num_experts: int) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+    """From the profile stage's table (validated): expert ids per layer hottest first, and each expert's share of
+    the routed probability mass (the starting hotness of dynamic precision)."""
     hint = "rerun the profile stage (snakemake --forcerun profile)"
     try:
-        df = pd.read_parquet(hotness_path, columns=["layer", "expert", "hotness_rank"])
+        df = pd.read_parquet(hotness_path, columns=["layer", "expert", "hotness_rank", "prob_share"])
     except Exception as err:  # pyarrow raises several types for truncated or foreign files
         raise io.ArtefactError(f"{hotness_path}: unreadable hotness table ({err}); {hint}") from None
-    order = {int(layer): g.sort_values("hotness_rank")["expert"].astype(int).tolist() for layer, g in df.groupby("layer")}
+    layers = dict(tuple(df.groupby("layer")))
+    order = {int(l): g.sort_values("hotness_rank")["expert"].astype(int).tolist() for l, g in layers.items()}
     if not order or any(sorted(v) != list(range(num_experts)) for v in order.values()):
         raise io.ArtefactError(f"{hotness_path}: does not rank {num_experts} experts in every layer (another model?); {hint}")
-    return order
+    shares = {int(l): torch.tensor(g.sort_values("expert")["prob_share"].to_numpy(), dtype=torch.float64)
+              for l, g in layers.items()}
+    return order, shares
+
 
 
 def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
@@ -79,14 +85,6 @@ def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
                          f"single local file; set dataset.fewshot_source to a train file (or use a hub id)")
     pool_ds = {**ds, "source": source}
     return load_split(pool_ds, ds.get("fewshot_split", "train"), ds.get("fewshot_pool", 1000), seed, "fewshot")
-
-
-def hotness_shares(hotness_path: str, num_experts: int) -> dict[int, torch.Tensor]:
-    """Profiled share of routed probability mass per expert: the starting hotness of dynamic precision."""
-    hotness_order(hotness_path, num_experts)  # validates the table
-    df = pd.read_parquet(hotness_path, columns=["layer", "expert", "prob_share"])
-    return {int(layer): torch.tensor(g.sort_values("expert")["prob_share"].to_numpy(), dtype=torch.float64)
-            for layer, g in df.groupby("layer")}
 
 
 def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], hotness_path: str | None,
@@ -112,7 +110,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     layers = [l.index for l in adapter.layers()]
     quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
-    hotness = hotness_order(hotness_path, adapter.num_experts) if hotness_path else None
+    hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
     pc = cell_rec.precision
     pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness)
     online = pc.policy in ("dynamic", "frozen", "offload")
@@ -132,9 +130,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         full = bytes_by_tier[FULL_BITS]
         if pc.policy == "offload":
             return OffloadCache(full, layer_budgets(pc, full))
-        apply_map(adapter, pmap, quantized)
         experts = {l.index: l.experts for l in adapter.layers()}
-        return DynamicPrecision(experts, pmap.hot_masks(pc.bits_high), hotness_shares(hotness_path, adapter.num_experts),
+        return DynamicPrecision(experts, pmap.hot_masks(pc.bits_high), shares,
                                 versions, bytes_by_tier, pc.bits_high, pc.bits_low, layer_budgets(pc, full),
                                 pc.alpha, pc.update_every, pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
 
@@ -183,8 +180,6 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     routed = int(layers_df["assignments_routed"].sum())
     dropped = int(layers_df["assignments_dropped"].sum())
     r, pc = cell_rec.routing, cell_rec.precision
-    import transformers
-
     summary = {
         "cell": cell_rec.id, "policy": cell_rec.family, "routing_policy": r.policy,
         "top_k": r.top_k if r.top_k is not None else adapter.top_k, "native_top_k": adapter.top_k,

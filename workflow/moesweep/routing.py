@@ -124,13 +124,10 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
         keep &= valid[:, None]
 
     probs_sel = weights
-    if renorm:
-        if bool(keep.all()):
-            weights = weights / weights.sum(dim=-1, keepdim=True)  # bit-identical to the HF router
-        else:
-            masked = weights * keep
-            weights = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
-    weights = weights * keep if not bool(keep.all()) else weights
+    if not bool(keep.all()):
+        weights = weights * keep
+    if renorm:  # with every expert kept this is bit-identical to the HF router (the clamp never binds)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
     keep_policy = keep
     if policy.capacity_factor is not None:

@@ -38,18 +38,18 @@ def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: i
     texts = [training_text(p) for p in problems]
     meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
             "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed), **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
+    results = {}
     for part, sub, out in (("calibration", texts[:n], out_hessians), ("heldout", texts[n:], out_heldout)):
-        res = collect_calibration(model, tokenizer, adapter, sub, calib_cfg["max_length"],
+        res = results[part] = collect_calibration(model, tokenizer, adapter, sub, calib_cfg["max_length"],
                                   calib_cfg.get("batch_size", 8), progress=progress,
                                   expert_inputs=calib_cfg.get("expert_inputs", "routed"))
         log.info("%s: %d tokens through %d layers", part, res.tokens, len(res.token_counts))
         tensors = {f"hessian.{k}": v for k, v in res.hessians.items()}
         tensors.update({f"tokens.{k}": v for k, v in res.token_counts.items()})
         io.save_safetensors(out, tensors, {**meta, "part": part, "tokens": str(res.tokens), "samples": str(len(sub))})
-        if part == "calibration":
-            stats = {"skip_beta": {str(k): v for k, v in res.skip_beta.items()}, "tokens": res.tokens,
-                     "samples": len(sub), "config_hash": meta["config_hash"]}
-    io.write_json(out_stats, stats)
+    cal = results["calibration"]
+    io.write_json(out_stats, {"skip_beta": {str(k): v for k, v in cal.skip_beta.items()}, "tokens": cal.tokens,
+                              "samples": n, "config_hash": meta["config_hash"]})
 
 
 def read_calibration(path: str, model_id: str) -> tuple[dict, dict, dict]:
