@@ -73,7 +73,7 @@ def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> i
     return math.ceil(capacity_factor * tokens * k / num_experts)
 
 
-def _capacity_keep(idx, probs_sel, keep, cap: int, priority: str, num_experts: int) -> torch.Tensor:
+def _capacity_keep(idx, probs_sel, keep, cap, priority: str, num_experts: int) -> torch.Tensor:
     """Keep at most `cap` of the kept assignments per expert, in priority order. Returns the new keep mask."""
     T, k = idx.shape
     # Assignment (t, j) gets token-order key j*T + t: all first choices, then all second choices, ...
@@ -86,7 +86,9 @@ def _capacity_keep(idx, probs_sel, keep, cap: int, priority: str, num_experts: i
         order = torch.sort(token_key, stable=True).indices
     experts = idx.flatten()[order]
     kept = keep.flatten()[order]
-    onehot = F.one_hot(experts, num_experts) * kept[:, None].long()
+    # scatter rather than F.one_hot: one_hot checks its input range on the host (a sync per call on CUDA)
+    onehot = torch.zeros(experts.shape[0], num_experts, dtype=torch.long, device=experts.device)
+    onehot.scatter_(1, experts[:, None], kept[:, None].long())
     position = onehot.cumsum(0).gather(1, experts[:, None]).squeeze(1)  # 1-based rank within the expert
     new_keep_sorted = kept & (position <= cap)
     new_keep = torch.empty_like(new_keep_sorted)
@@ -124,15 +126,16 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
         keep &= valid[:, None]
 
     probs_sel = weights
-    if not bool(keep.all()):
-        weights = weights * keep
+    weights = weights * keep  # exact (×1 or ×0); unconditional so no host sync decides it
     if renorm:  # with every expert kept this is bit-identical to the HF router (the clamp never binds)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
     keep_policy = keep
     if policy.capacity_factor is not None:
-        tokens = int(valid.sum()) if valid is not None else T
-        cap = capacity(policy.capacity_factor, tokens, k, E)
+        if valid is None:
+            cap = capacity(policy.capacity_factor, T, k, E)
+        else:  # on the device (no host sync): same float64 operations, in the same order, as capacity()
+            cap = torch.ceil(policy.capacity_factor * valid.sum().double() * k / E)
         keep = _capacity_keep(index, probs_sel, keep, cap, policy.priority, E)
         weights = weights * keep
     index = torch.where(keep, index, torch.full_like(index, E))
