@@ -1,6 +1,15 @@
 """Shared fixtures: a random-weight tiny Qwen3-MoE checkpoint with its own tokenizer, built offline."""
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU (CI) the fast engine's Triton kernels run in Triton's CPU interpreter; the switch is read when
+# triton is imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 

@@ -1,0 +1,69 @@
+"""Mixed-precision MoE experts for the fast engine: per layer, one tier per width, one kernel launch per tier.
+
+A precision map (precision.build_map) says which width serves each expert. Each tier of a layer references the
+weights of that width for all experts (bf16: the model's own fused tensors; int: the quantize stage's packed
+codes, moved to the device once) and a slot table that is -1 for experts served by another tier, so an expert's
+weights are read by exactly one launch. The routing result never leaves the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..grid import FULL_BITS
+from .kernels import FAST_BITS, ExpertTier, align_assignments, grouped_expert_matmul, tile_sizes
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def quantized_tier(q, device) -> ExpertTier:
+    """An ExpertTier over a quant.core.QuantizedExperts (all experts), moved to `device` as stored."""
+    E, _, n_in = q.shape
+    if q.spec.bits not in FAST_BITS:
+        raise ValueError(f"the fast engine serves expert widths {FAST_BITS}; {q.spec.bits}-bit experts need "
+                         f"evaluate.engine: reference")
+    zeros = None if q.spec.symmetric else q.zeros.to(device)
+    return ExpertTier(q.spec.bits, q.codes.to(device), q.scales.to(device), zeros, q.spec.columns_per_group(n_in), n_in)
+
+
+def full_tier(weight: torch.Tensor) -> ExpertTier:
+    """The checkpoint's own [E, out, in] expert tensor, read in place (no copy)."""
+    return ExpertTier(FULL_BITS, weight, None, None, weight.shape[2], weight.shape[2])
+
+
+class FastMoeExperts:
+    """Experts of one layer; __call__(x [T, H], index [T, k] (sentinel E = dropped), weights [T, k]) -> [T, H]."""
+
+    def __init__(self, experts_module, widths: torch.Tensor, quantized_layer: dict[int, dict[str, object]]):
+        """widths [E]: the width serving each expert; quantized_layer[bits][projection] = QuantizedExperts."""
+        device = experts_module.gate_up_proj.device
+        self.num_experts = widths.shape[0]
+        self.hidden = experts_module.down_proj.shape[1]
+        self.intermediate = experts_module.down_proj.shape[2]
+        self.tiers = []  # (slot_of_expert int32 [E], gate_up tier, down tier)
+        for bits in sorted(set(widths.tolist()), reverse=True):
+            slots = torch.where(widths == bits, torch.arange(self.num_experts), -1).to(torch.int32).to(device)
+            if bits == FULL_BITS:
+                pair = [full_tier(getattr(experts_module, p)) for p in PROJECTIONS]
+            else:
+                pair = [quantized_tier(quantized_layer[bits][p], device) for p in PROJECTIONS]
+            self.tiers.append((slots, *pair))
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T, k = index.shape
+        n = T * k
+        block_m = tile_sizes(FULL_BITS, n, self.num_experts)[0]
+        sorted_assign, block_expert = align_assignments(index, self.num_experts, block_m)
+        h = torch.empty(n, self.intermediate, dtype=x.dtype, device=x.device)
+        # float32 per-assignment outputs, summed over k below: every row is written by exactly one tier or stays
+        # 0 (dropped), and the sum order is fixed (deterministic, unlike atomics)
+        y = torch.zeros(n, self.hidden, dtype=torch.float32, device=x.device)
+        routed = weights.reshape(-1).float()
+        for slots, gate_up, _ in self.tiers:
+            grouped_expert_matmul(x, h, sorted_assign, block_expert, slots, gate_up, k, block_m, gate_up=True)
+        for slots, _, down in self.tiers:
+            grouped_expert_matmul(h, y, sorted_assign, block_expert, slots, down, 1, block_m, routed_weight=routed)
+        return y.view(T, k, self.hidden).sum(1).to(x.dtype)
+
+    def weight_bytes_by_width(self) -> dict[int, int]:
+        """Bytes one expert of each width occupies (gate_up + down, with scales and zeros)."""
+        return {gu.bits: gu.nbytes_per_expert() + dn.nbytes_per_expert() for _, gu, dn in self.tiers}
