@@ -132,3 +132,37 @@ def test_three_bit_tier_is_refused_with_a_clear_error():
     gate_up, down, (q_gu, q_dn) = _quantized(3, 32, False)
     with pytest.raises(ValueError, match="fast engine serves expert widths"):
         _run(torch.full((E,), 3), {3: (q_gu, q_dn)}, gate_up, down)
+
+
+@pytest.mark.parametrize("routing", [{}, {"policy": "topk", "top_k": 1, "capacity_factor": 1.0}],
+                         ids=["native", "top1-cf1"])
+def test_fast_forward_matches_transformers_and_reference_accounting(embedded_model, routing):
+    """The fast path's prefill forward (eager glue + kernels) against transformers' forward with the same policy."""
+    from moesweep.fast.engine import FastQwen3MoeEngine
+    from moesweep.grid import Routing
+    from moesweep.model import install_policy, load_model
+    from moesweep.routing import RoutingContext
+
+    model, tokenizer, adapter = load_model(str(embedded_model), "float32" if not CUDA else "bfloat16", DEVICE)
+    policy = Routing(**routing)
+    widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
+    fast = FastQwen3MoeEngine(model, adapter, policy, widths, {}, compile=False)
+    ids = tokenizer("Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:", return_tensors="pt",
+                    add_special_tokens=False).input_ids.to(DEVICE)
+    P = ids.shape[1]
+    fast._ensure_cache(1, P + 1)
+    slots = torch.arange(P, device=DEVICE)
+    mask = (slots[:, None] >= torch.arange(fast._cache[0].shape[3], device=DEVICE)[None, :])[None, None]
+    valid = torch.ones(P, dtype=torch.bool, device=DEVICE)
+    with torch.inference_mode():
+        logits = fast._forward(ids, slots[None], slots, mask, valid, False).float()
+        context = RoutingContext()
+        install_policy(adapter, policy, context)
+        context.valid = valid
+        want = model(ids).logits[:, -1].float()
+    assert _relative(logits.cpu(), want.cpu().double()) < TOL
+    got_stats, want_stats = fast.routing_stats(), context.stats
+    for layer, s in want_stats.items():
+        g = got_stats[layer]
+        assert (g.tokens, g.routed, g.dropped) == (s.tokens, s.routed, s.dropped)
+        assert torch.equal(g.load, s.load)

@@ -132,7 +132,7 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     device = flat.device
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    counts[num_experts] = 0  # the sentinel expert owns no blocks
+    counts[num_experts:].zero_()  # the sentinel expert owns no blocks (fill_, not a host scalar copy: graph-safe)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     order = torch.sort(flat, stable=True).indices

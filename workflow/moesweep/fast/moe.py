@@ -48,21 +48,31 @@ class FastMoeExperts:
                 pair = [quantized_tier(quantized_layer[bits][p], device) for p in PROJECTIONS]
             self.tiers.append((slots, *pair))
 
+    def block_m(self, num_assign: int) -> int:
+        return tile_sizes(FULL_BITS, num_assign, self.num_experts)[0]
+
     def __call__(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, k = index.shape
+        sorted_assign, block_expert = align_assignments(index, self.num_experts, self.block_m(T * k))
+        return self.run(x, weights, sorted_assign, block_expert).view(T, k, self.hidden).sum(1).to(x.dtype)
+
+    def run(self, x: torch.Tensor, weights: torch.Tensor, sorted_assign: torch.Tensor,
+            block_expert: torch.Tensor) -> torch.Tensor:
+        """float32 [T*k, H]: each assignment's expert output times its routing weight (0 for dropped ones).
+
+        Summed over k by the caller: every row is written by exactly one tier or stays 0, and the sum order is
+        fixed (deterministic, unlike atomics)."""
+        T, k = weights.shape
         n = T * k
-        block_m = tile_sizes(FULL_BITS, n, self.num_experts)[0]
-        sorted_assign, block_expert = align_assignments(index, self.num_experts, block_m)
+        block_m = self.block_m(n)
         h = torch.empty(n, self.intermediate, dtype=x.dtype, device=x.device)
-        # float32 per-assignment outputs, summed over k below: every row is written by exactly one tier or stays
-        # 0 (dropped), and the sum order is fixed (deterministic, unlike atomics)
         y = torch.zeros(n, self.hidden, dtype=torch.float32, device=x.device)
         routed = weights.reshape(-1).float()
         for slots, gate_up, _ in self.tiers:
             grouped_expert_matmul(x, h, sorted_assign, block_expert, slots, gate_up, k, block_m, gate_up=True)
         for slots, _, down in self.tiers:
             grouped_expert_matmul(h, y, sorted_assign, block_expert, slots, down, 1, block_m, routed_weight=routed)
-        return y.view(T, k, self.hidden).sum(1).to(x.dtype)
+        return y
 
     def weight_bytes_by_width(self) -> dict[int, int]:
         """Bytes one expert of each width occupies (gate_up + down, with scales and zeros)."""

@@ -1,0 +1,337 @@
+"""Fast decode path for transformers' Qwen3-MoE: static KV cache, CUDA-graph decode step, grouped expert kernels.
+
+Why not `generate`: NOTES.md §6 measured it overhead-bound on the H200 (13.7 tok/s at batch 1, the same under
+top-1 routing), and `torch.compile(mode="reduce-overhead")` over transformers' static cache crashed. So this
+module owns the cache and the graph, and reuses the checkpoint's own modules (embedding, norms, attention
+projections, rotary embedding, lm_head) so the weights and dense numerics are transformers' own. The MoE block
+is replaced by the policy's router (routing.route, which has no host synchronisation) and FastMoeExperts.
+
+Batch semantics equal the reference engine's (engine.py): left padding, prompts sorted by length, greedy, and
+tokens of padding or finished sequences are not tokens of the batch (they are routed nowhere, use no capacity
+and are not counted). Finished rows stay in the static batch (the graph's shapes are fixed) but are invalid.
+EOS is detected on the device; stop strings need the text, so by default the host reads each step's tokens
+(one small copy per step); `stop_checks=False` decodes exactly max_new_tokens per sequence with no host
+synchronisation (the benchmark's setting), the tokens being collected on the device.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import Completion, GenerationTiming, _finish
+from ..grid import Routing
+from ..routing import LayerRoutingStats, route
+from .kernels import align_assignments
+from .moe import FastMoeExperts
+
+
+def _rms_norm(x, weight, eps):
+    """transformers' Qwen3MoeRMSNorm as a function (float32 statistics, scaled in the input dtype)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, cos, sin, eps, head_dim):
+    """The previous layer's expert outputs into the residual, input norm, q/k/v with their norms and rotary."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
+
+    B, S, H = x.shape
+    if moe_out is not None:
+        x = x + moe_out.view(B, S, -1, H).sum(2).to(x.dtype)
+    h = _rms_norm(x, ln, eps)
+    q = _rms_norm(F.linear(h, wq, bq).view(B, S, -1, head_dim), q_norm, eps).transpose(1, 2)
+    k = _rms_norm(F.linear(h, wk, bk).view(B, S, -1, head_dim), k_norm, eps).transpose(1, 2)
+    v = F.linear(h, wv, bv).view(B, S, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return x, q, k, v
+
+
+def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
+                 decode):
+    """Attention output into the residual, post-attention norm, the policy's routing, its accounting increments
+    and the expert-sorted assignment blocks. All on the device; nothing here reads a value back to the host."""
+    B, S, H = x.shape
+    x = x + F.linear(o, wo, bo)
+    h = _rms_norm(x, post_ln, eps).reshape(B * S, H)
+    probs = F.softmax(F.linear(h, router), dim=-1, dtype=torch.float)
+    index, weights, keep_policy, keep = route(probs, routing, top_k, norm, valid, beta)
+    sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
+    counts, hits = routing_increments(valid, keep_policy, keep, index, hot, num_experts, decode)
+    return x, h, weights, sorted_assign, block_expert, counts, hits
+
+
+def routing_increments(valid, keep_policy, keep, index, hot, num_experts: int, decode: bool):
+    """This call's additions to DeviceRoutingStats: (counts [len(COUNTERS)], kept assignments per expert [E])."""
+    kept = torch.where(keep, index, num_experts).flatten()
+    hits = torch.zeros(num_experts + 1, dtype=torch.int64, device=index.device)
+    hits.scatter_add_(0, kept, torch.ones_like(kept))
+    hits = hits[:-1]
+    hot = hot if hot is not None else torch.zeros_like(hits, dtype=torch.bool)
+    zero = torch.zeros((), dtype=torch.int64, device=index.device)
+    hit = hits > 0
+    values = [valid.sum(), keep_policy.sum(), (keep_policy & ~keep).sum(), (hits * hot).sum()]
+    values += ([torch.ones_like(zero), valid.sum(), hits.sum(), hit.sum(), (hit & hot).sum()] if decode
+               else [zero] * 5)
+    return torch.stack(values), hits
+
+
+class DeviceRoutingStats:
+    """Routing accounting kept on the device (graph-safe, no host sync), read into LayerRoutingStats at the end.
+    Same counters and meaning as routing.PolicyRouter._account; decode_* count decode calls only."""
+
+    COUNTERS = ("tokens", "routed", "dropped", "hot_hits", "decode_calls", "decode_tokens", "decode_kept",
+                "distinct_experts_decode", "distinct_high_decode")
+
+    def __init__(self, layers: list[int], num_experts: int, device):
+        self.layers, self.num_experts = layers, num_experts
+        self.counts = torch.zeros(len(self.COUNTERS), len(layers), dtype=torch.int64, device=device)
+        self.load = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
+
+    def reset(self):
+        self.counts.zero_()  # in place: captured graphs add into these very tensors
+        self.load.zero_()
+
+    def to_layer_stats(self) -> dict[int, LayerRoutingStats]:
+        counts, load = self.counts.cpu(), self.load.cpu()
+        out = {}
+        for i, layer in enumerate(self.layers):
+            s = LayerRoutingStats(self.num_experts)
+            for name, row in zip(self.COUNTERS, counts):
+                setattr(s, name, int(row[i]))
+            s.load = load[i].clone()
+            out[layer] = s
+        return out
+
+
+class FastQwen3MoeEngine:
+    """Greedy batched decoding of a Qwen3MoeForCausalLM (bf16, CUDA) under one routing and precision policy."""
+
+    def __init__(self, model, adapter, routing: Routing, widths: dict[int, torch.Tensor], quantized: dict[int, dict],
+                 skip_betas: dict[int, float] | None = None, hot_masks: dict[int, torch.Tensor] | None = None,
+                 compile: bool = True):
+        """compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
+        step goes through torch.compile, which fuses its ~100 small kernels per layer into a handful; the captured
+        CUDA graph then replays those. Prefill always runs eagerly (its shapes change with every batch)."""
+        cfg = model.config
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", False):
+            raise ValueError("the fast engine has no sliding-window attention; use evaluate.engine: reference")
+        self.model, self.adapter, self.routing = model, adapter, routing
+        self.device = next(model.parameters()).device
+        self.layers = adapter.layers()
+        self.num_experts, self.top_k, self.norm = adapter.num_experts, adapter.top_k, adapter.norm_topk_prob
+        self.betas = skip_betas or {}
+        self.experts = {}
+        for l in self.layers:
+            per_bits = {b: {p: quantized[b][f"layers.{l.index}.{p}"] for p in ("gate_up_proj", "down_proj")}
+                        for b in quantized}
+            self.experts[l.index] = FastMoeExperts(l.experts, widths[l.index], per_bits)
+        self.hot = {i: m.to(self.device) for i, m in (hot_masks or {}).items()}
+        self.stats = DeviceRoutingStats([l.index for l in self.layers], self.num_experts, self.device)
+        self._k = routing.top_k if routing.policy == "topk" else self.top_k  # assignments per token
+        self._eps = cfg.rms_norm_eps
+        self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._scaling = self._head_dim ** -0.5
+        self._params = self._collect_params()
+        self._compiled = None
+        if compile:
+            import torch._dynamo
+
+            # One compiled graph per (batch size, policy, first layer or not); past the default limit of 8 dynamo
+            # would fall back to eager code without an error, and the clocks would measure that instead.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 512)
+            self._compiled = (torch.compile(_attention_inputs, dynamic=False), torch.compile(_route_block, dynamic=False))
+        self.eos = None
+        self._graphs: dict[int, tuple] = {}
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def _forward(self, input_ids, positions, write_pos, key_mask, valid, decode: bool):
+        """input_ids/positions [B, S]; write_pos [S] cache slots of these tokens; key_mask [B, 1, S, L] bool."""
+        m = self.model.model
+        x = m.embed_tokens(input_ids)
+        cos, sin = m.rotary_emb(x, positions)
+        B, S, H = x.shape
+        k_cache, v_cache = self._cache
+        attention_inputs, route_block = (self._compiled if decode and self._compiled else
+                                         (_attention_inputs, _route_block))
+        kv_heads = k_cache.shape[2]
+        groups = self.model.config.num_attention_heads // kv_heads
+        # Grouped-query attention without repeating the cache: the G query heads of a KV head become G*S rows.
+        mask = key_mask.unsqueeze(2).expand(B, 1, groups, S, key_mask.shape[-1]).reshape(B, 1, groups * S, -1)
+        moe_out = None
+        for i, l in enumerate(self.layers):
+            p = self._params[i]
+            x, q, k, v = attention_inputs(x, moe_out, *p["attention"], cos, sin, self._eps, self._head_dim)
+            k_cache[i, :B].index_copy_(2, write_pos, k)
+            v_cache[i, :B].index_copy_(2, write_pos, v)
+            o = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * S, -1), k_cache[i, :B], v_cache[i, :B],
+                                               attn_mask=mask, scale=self._scaling)
+            o = o.reshape(B, kv_heads * groups, S, -1).transpose(1, 2).reshape(B, S, -1)
+            x, h, weights, sorted_assign, block_expert, counts, hits = route_block(
+                x, o, *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k, self.norm, self.num_experts,
+                self.experts[l.index].block_m(B * S * self._k), decode)
+            self.stats.counts[:, i] += counts
+            self.stats.load[i] += hits
+            moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert)
+        x = x + moe_out.view(B, S, -1, H).sum(2).to(x.dtype)
+        return self.model.lm_head(m.norm(x[:, -1]))
+
+    def _collect_params(self):
+        """Per layer, the tensors the compiled glue takes as arguments (one compiled graph serves every layer)."""
+        out = []
+        for l in self.layers:
+            layer = self.model.model.layers[l.index]
+            a = layer.self_attn
+            beta = self.betas.get(l.index)
+            out.append({
+                "attention": (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                              a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.q_norm.weight, a.k_norm.weight),
+                "route": (a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, l.router.weight),
+                "beta": None if beta is None else torch.tensor(beta, dtype=torch.float32, device=self.device),
+                "hot": self.hot.get(l.index)})
+        return out
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def _ensure_cache(self, batch: int, length: int):
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (len(self.layers), batch, cfg.num_key_value_heads, length, head_dim)
+        if self._cache is None or any(a < b for a, b in zip(self._cache[0].shape, shape)):
+            self._graphs.clear()
+            # zeros, not empty: masked keys still enter the attention product, and 0 * NaN would be NaN
+            self._cache = tuple(torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(2))
+
+    def _decode_state(self, batch: int):
+        """Static buffers and the captured graph of one decode step at this batch size."""
+        if batch in self._graphs:
+            return self._graphs[batch]
+        L = self._cache[0].shape[3]
+        dev = self.device
+        st = {"token": torch.zeros(batch, 1, dtype=torch.long, device=dev),
+              "position": torch.zeros(batch, 1, dtype=torch.long, device=dev),
+              "slot": torch.zeros(1, dtype=torch.long, device=dev),
+              "keys": torch.zeros(batch, L, dtype=torch.bool, device=dev),
+              "live": torch.zeros(batch, dtype=torch.bool, device=dev),
+              "out": torch.zeros(batch, L + 1, dtype=torch.long, device=dev)}  # token of cache slot j at j
+
+        def step():
+            st["keys"].index_fill_(1, st["slot"], True)
+            logits = self._forward(st["token"], st["position"], st["slot"], st["keys"][:, None, None, :], st["live"], True)
+            nxt = logits.argmax(-1)
+            st["out"].index_copy_(1, st["slot"] + 1, nxt[:, None])
+            st["live"].logical_and_(nxt != self.eos)
+            st["token"].copy_(nxt[:, None])
+            st["position"].add_(1)
+            st["slot"].add_(1)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        self.reset_stats()  # the warm-up steps route no valid token, but start from zero all the same
+        self._graphs[batch] = (st, graph)
+        return self._graphs[batch]
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 stop: tuple[str, ...] = (), stop_checks: bool = True, progress=None):
+        """Same contract as engine.generate_greedy. stop_checks=False: exactly max_new_tokens each, no EOS/stop."""
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None and stop_checks else -1
+        lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        self._ensure_cache(min(batch_size, len(prompts)), max(lengths) + max_new_tokens)
+        timing = GenerationTiming()
+        completions: dict[int, Completion] = {}
+        starts = range(0, len(order), batch_size)
+        for b in (progress(starts, desc="batches") if progress else starts):
+            batch = order[b:b + batch_size]
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            self._generate_batch(batch, enc.input_ids.to(self.device), enc.attention_mask.to(self.device),
+                                 tokenizer, max_new_tokens, stop, stop_checks, timing, completions)
+        for c in completions.values():
+            timing.generated_tokens += c.generated_tokens
+            timing.decode_tokens += c.generated_tokens - 1
+        return [completions[i] for i in range(len(prompts))], timing
+
+    def _generate_batch(self, batch, input_ids, attention, tokenizer, max_new_tokens, stop, stop_checks, timing,
+                        completions):
+        B, P = input_ids.shape
+        L = self._cache[0].shape[3]
+        timing.prompt_tokens += int(attention.sum())
+        timing.padded_prompt_tokens += attention.numel()
+        st, graph = self._decode_state(B)
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        keys = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        keys[:, :P] = attention.bool()
+        slots = torch.arange(P, device=self.device)
+        causal = slots[:, None] >= torch.arange(L, device=self.device)[None, :]
+        # A padding query sees itself, so no attention row is empty (an empty row would be NaN and poison the cache)
+        mask = (keys[:, None, None, :] & causal) | (slots[:, None] == torch.arange(L, device=self.device))
+
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = self._forward(input_ids, positions, slots, mask, attention.bool().reshape(-1), False)
+        nxt = logits.argmax(-1)
+        st["token"].copy_(nxt[:, None])
+        st["position"].copy_(positions[:, -1:] + 1)
+        st["slot"].fill_(P)
+        st["keys"].copy_(keys)
+        st["live"].copy_(nxt != self.eos)
+        st["out"][:, P] = nxt
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        timing.prefill_s.append(t1 - t0)
+
+        tokens = {i: [] for i in batch}
+        live = set(batch)
+        step_tokens = nxt.tolist()
+        for step in range(max_new_tokens):
+            if stop_checks:
+                for row, i in enumerate(batch):
+                    if i in live:
+                        tokens[i].append(step_tokens[row])
+                        if _finish(tokenizer, i, tokens[i], self.eos, stop, max_new_tokens, completions):
+                            live.discard(i)
+                            st["live"][row] = False  # stop strings are found on the host
+                if not live:
+                    break
+            elif step == max_new_tokens - 1:
+                break
+            graph.replay()
+            timing.decode_steps += 1
+            if stop_checks:
+                step_tokens = st["token"][:, 0].tolist()  # the one host synchronisation per step
+        torch.cuda.synchronize()
+        timing.decode_s.append(time.perf_counter() - t1)
+        if not stop_checks and tokenizer is not None:
+            for row, toks in enumerate(st["out"][:, P:P + max_new_tokens].tolist()):
+                completions[batch[row]] = Completion(batch[row], tokenizer.decode(toks, skip_special_tokens=True),
+                                                     max_new_tokens, "length")
+
+    @torch.inference_mode()
+    def time_decode(self, input_ids: torch.Tensor, new_tokens: int) -> GenerationTiming:
+        """Prefill `input_ids` [B, P] (no padding), then decode exactly `new_tokens` tokens per sequence with no
+        host synchronisation between steps: the benchmark's measurement."""
+        self.eos = -1
+        B, P = input_ids.shape
+        self._ensure_cache(B, P + new_tokens)
+        timing = GenerationTiming()
+        self._generate_batch(list(range(B)), input_ids, torch.ones_like(input_ids), None, new_tokens, (), False,
+                             timing, {})
+        return timing
+
+    def routing_stats(self) -> dict[int, LayerRoutingStats]:
+        return self.stats.to_layer_stats()
+
+    def reset_stats(self):
+        self.stats.reset()
