@@ -1,4 +1,5 @@
-"""Decode throughput of the fast engine on Qwen3-30B-A3B shapes (random bf16 weights) against the HBM roofline.
+"""Decode throughput of the fast engine on Qwen3-30B-A3B shapes (random bf16 weights; int tiers = RTN of them)
+against the HBM roofline.
 
 For each (variant, batch): prefill a 128-token prompt, decode 128 new tokens, median of --repeats runs. Prints and
 writes a Markdown table: tok/s (decode), ms per decode step, bytes of weights + KV needed per step (distinct experts
@@ -63,13 +64,22 @@ def copy_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
     return 2 * n / statistics.median(times[2:])
 
 
-def random_packed(experts: int, out: int, n_in: int, bits: int, group: int = 128):
-    """Random codes in the quantize stage's layout (uint8 bit streams, fp16 scales, uint8 zeros): speed only."""
+@torch.no_grad()
+def rtn_packed(weight: torch.Tensor, bits: int, group: int = 128):
+    """Round-to-nearest of the model's own expert weights on the GPU, in the quantize stage's layout (uint8 bit
+    streams, code i of a byte in bits i*b.., fp16 scales, uint8 zeros; quant/core.py). Real codes matter: random
+    ones would blow up the activations and change which experts the routers pick."""
+    E, n_out, n_in = weight.shape
+    qmax = (1 << bits) - 1
+    w = weight.float().view(E, n_out, n_in // group, group)
+    lo, hi = w.amin(-1, keepdim=True).clamp_max(0), w.amax(-1, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8).half().float()
+    zero = (-lo / scale).round().clamp(0, qmax)
+    u = (w / scale + zero).round().clamp(0, qmax).to(torch.int32).view(E, n_out, n_in // (8 // bits), 8 // bits)
+    codes = (u << (torch.arange(8 // bits, device=u.device, dtype=torch.int32) * bits)).sum(-1).to(torch.uint8)
     spec = SimpleNamespace(bits=bits, symmetric=False, columns_per_group=lambda n: group)
-    return SimpleNamespace(shape=(experts, out, n_in), spec=spec,
-                           codes=torch.randint(0, 256, (experts, out, n_in * bits // 8), dtype=torch.uint8, device="cuda"),
-                           scales=(torch.rand(experts, out, n_in // group, device="cuda") * 1e-2 + 1e-3).half(),
-                           zeros=torch.full((experts, out, n_in // group), 1 << (bits - 1), dtype=torch.uint8, device="cuda"))
+    return SimpleNamespace(shape=(E, n_out, n_in), spec=spec, codes=codes, scales=scale.squeeze(-1).half(),
+                           zeros=zero.squeeze(-1).to(torch.uint8))
 
 
 def quantized_tiers(adapter, widths: set[int]) -> dict[int, dict]:
@@ -78,8 +88,7 @@ def quantized_tiers(adapter, widths: set[int]) -> dict[int, dict]:
         out[bits] = {}
         for l in adapter.layers():
             for name in ("gate_up_proj", "down_proj"):
-                E, n_out, n_in = getattr(l.experts, name).shape
-                out[bits][f"layers.{l.index}.{name}"] = random_packed(E, n_out, n_in, bits)
+                out[bits][f"layers.{l.index}.{name}"] = rtn_packed(getattr(l.experts, name), bits)
     return out
 
 

@@ -96,7 +96,7 @@ def test_full_precision_tier_matches_reference():
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("group_size,symmetric", [(32, False), (16, True), (-1, False)])
+@pytest.mark.parametrize("group_size,symmetric", [(32, False), (16, True), (-1, False), (128, False), (128, True)])
 def test_packed_tier_matches_dequantised_reference(bits, group_size, symmetric):
     gate_up, down, (q_gu, q_dn) = _quantized(bits, group_size, symmetric)
     got, x, index, weights = _run(torch.full((E,), bits), {bits: (q_gu, q_dn)}, gate_up, down)

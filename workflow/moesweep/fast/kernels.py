@@ -54,36 +54,50 @@ class ExpertTier:
 
 
 @triton.jit
-def _weight_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, row_mask, k0, K, group_size, sw0, sw1, ss0, ss1,
-                 SUB: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, PB: tl.constexpr):
-    """[PB, BN] weights (in the activations' dtype) of output `rows`, input columns kk = k0 + j*P + SUB (j < PB); returns (w, kk)."""
+def _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, row_mask, k0, K, group_size, sw0, sw1, ss0, ss1,
+                 BITS: tl.constexpr, ASYM: tl.constexpr, GROUP_CONST: tl.constexpr, PB: tl.constexpr):
+    """One BK-column tile of packed rows: (codes [PB, BN] int32, scale, zero), each byte loaded once.
+    GROUP_CONST: the tile lies inside one scale group, so scale and zero are one value per row ([1, BN]);
+    otherwise they are gathered per (column, row) ([PB, BN]) by the caller for every code position."""
+    P: tl.constexpr = 8 // BITS
     jb = tl.arange(0, PB)
-    if BITS == 16:
-        kk = k0 + jb
-        mask = row_mask[None, :] & (kk[:, None] < K)
-        w = tl.load(w_ptr + slot * sw0 + rows[None, :] * sw1 + kk[:, None], mask=mask, other=0.0)
+    byte = k0 // P + jb
+    mask = row_mask[None, :] & (byte[:, None] * P < K)
+    codes = tl.load(w_ptr + slot * sw0 + rows[None, :] * sw1 + byte[:, None], mask=mask, other=0).to(tl.int32)
+    if GROUP_CONST:
+        group = slot * ss0 + rows[None, :] * ss1 + k0 // group_size
+        scale = tl.load(s_ptr + group, mask=row_mask[None, :], other=0.0).to(tl.float32)
+        if ASYM:  # uint8 zero codes (GPTQ/RTN) or float zeros (HQQ) alike
+            zero = tl.load(z_ptr + group, mask=row_mask[None, :], other=0).to(tl.float32)
+        else:
+            zero = scale * 0.0 + (1 << (BITS - 1)) * 1.0
     else:
-        P: tl.constexpr = 8 // BITS
-        kk = k0 + jb * P + SUB
-        byte = k0 // P + jb
+        scale = tl.zeros((PB, 1), dtype=tl.float32)
+        zero = tl.zeros((PB, 1), dtype=tl.float32)
+    return codes, scale, zero
+
+
+@triton.jit
+def _dequant(x_ptr, codes, scale, zero, s_ptr, z_ptr, slot, rows, row_mask, kk, K, group_size, ss0, ss1,
+             SUB: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, GROUP_CONST: tl.constexpr):
+    """Code SUB of every byte of the tile, dequantised to the activations' dtype: (u - z) * s (quant/core.py)."""
+    q = ((codes >> (SUB * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    if not GROUP_CONST:
         mask = row_mask[None, :] & (kk[:, None] < K)
-        codes = tl.load(w_ptr + slot * sw0 + rows[None, :] * sw1 + byte[:, None], mask=mask, other=0).to(tl.int32)
-        q = (codes >> (SUB * BITS)) & ((1 << BITS) - 1)
         group = slot * ss0 + rows[None, :] * ss1 + (kk // group_size)[:, None]
         scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
-        if ASYM:  # uint8 zero codes (GPTQ/RTN) or float zeros (HQQ) alike
+        if ASYM:
             zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.float32)
         else:
-            zero = (1 << (BITS - 1)) * 1.0
-        w = ((q.to(tl.float32) - zero) * scale).to(x_ptr.dtype.element_ty)  # masked columns: scale 0 -> weight 0
-    return w, kk
+            zero = tl.zeros_like(scale) + (1 << (BITS - 1)) * 1.0
+    return ((q - zero) * scale).to(x_ptr.dtype.element_ty)  # masked rows: scale 0 -> weight 0
 
 
 @triton.jit
 def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr,
                            w_ptr, s_ptr, z_ptr, num_assign, x_row_div, N, K, group_size, num_experts,
                            sx, so, sw0, sw1, ss0, ss1,
-                           BITS: tl.constexpr, ASYM: tl.constexpr, GATE_UP: tl.constexpr,
+                           BITS: tl.constexpr, ASYM: tl.constexpr, GROUP_CONST: tl.constexpr, GATE_UP: tl.constexpr,
                            ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,20 +112,39 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
     x_row = tl.where(m_mask, assign // x_row_div, 0)
     rows = pid_n * BN + tl.arange(0, BN)
     n_mask = rows < N
-    P: tl.constexpr = 1 if BITS == 16 else 8 // BITS
-    PB: tl.constexpr = BK // P
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        for sub in tl.static_range(P):
-            w, kk = _weight_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, n_mask, k0, K, group_size, sw0, sw1, ss0, ss1,
-                                 sub, BITS, ASYM, PB)
+    if BITS == 16:
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
             a = tl.load(x_ptr + x_row[:, None] * sx + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+            w_mask = n_mask[None, :] & (kk[:, None] < K)
+            w = tl.load(w_ptr + slot * sw0 + rows[None, :] * sw1 + kk[:, None], mask=w_mask, other=0.0)
             acc = tl.dot(a, w, acc)
             if GATE_UP:  # gate_up_proj stacks the gate rows [0, N) over the up rows [N, 2N)
-                w_up, _ = _weight_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows + N, n_mask, k0, K, group_size, sw0, sw1,
-                                       ss0, ss1, sub, BITS, ASYM, PB)
-                acc_up = tl.dot(a, w_up, acc_up)
+                w = tl.load(w_ptr + slot * sw0 + (rows + N)[None, :] * sw1 + kk[:, None], mask=w_mask, other=0.0)
+                acc_up = tl.dot(a, w, acc_up)
+    else:
+        P: tl.constexpr = 8 // BITS
+        PB: tl.constexpr = BK // P
+        jb = tl.arange(0, PB)
+        for k0 in range(0, K, BK):
+            codes, scale, zero = _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, n_mask, k0, K, group_size, sw0,
+                                              sw1, ss0, ss1, BITS, ASYM, GROUP_CONST, PB)
+            if GATE_UP:
+                codes_up, scale_up, zero_up = _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows + N, n_mask, k0, K,
+                                                           group_size, sw0, sw1, ss0, ss1, BITS, ASYM, GROUP_CONST, PB)
+            for sub in tl.static_range(P):
+                kk = k0 + jb * P + sub  # code `sub` of byte j is input column k0 + j*P + sub
+                a = tl.load(x_ptr + x_row[:, None] * sx + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K),
+                            other=0.0)
+                w = _dequant(x_ptr, codes, scale, zero, s_ptr, z_ptr, slot, rows, n_mask, kk, K, group_size, ss0, ss1,
+                             sub, BITS, ASYM, GROUP_CONST)
+                acc = tl.dot(a, w, acc)
+                if GATE_UP:
+                    w = _dequant(x_ptr, codes_up, scale_up, zero_up, s_ptr, z_ptr, slot, rows + N, n_mask, kk, K,
+                                 group_size, ss0, ss1, sub, BITS, ASYM, GROUP_CONST)
+                    acc_up = tl.dot(a, w, acc_up)
     if GATE_UP:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, the Qwen3-MoE expert activation
     if ROUTED_WEIGHT:
@@ -150,9 +183,10 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
 
 def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, int]:
     """(BM, BN, BK). BM 16 (tl.dot's minimum) while experts see few rows each (decode), 64 for prefill.
-    BK keeps 64 bytes of a packed row per tile row, so every width reads the same bytes per iteration."""
+    BK: at most 128 input columns so a tile lies inside one scale group of the usual sizes (128, 64 for 8 bit),
+    and the scale and zero are loaded once per row and tile; at least 16 codes per byte position (tl.dot's K)."""
     bm = 16 if num_assign <= 4 * num_experts else 64
-    bk = {16: 64, 8: 64, 4: 128, 2: 256}[bits]
+    bk = {16: 64, 8: 64, 4: 128, 2: 128}[bits]
     return bm, 32, bk
 
 
@@ -180,4 +214,5 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
         w, scales, zeros, out.shape[0], x_row_div, n_out, tier.in_features, tier.group_size,
         slot_of_expert.shape[0], x.stride(0), out.stride(0), w.stride(0), w.stride(1), scales.stride(0),
         scales.stride(1), BITS=tier.bits, ASYM=tier.zeros is not None, GATE_UP=gate_up,
+        GROUP_CONST=tier.bits != 16 and tier.group_size % bk == 0,
         ROUTED_WEIGHT=routed_weight is not None, BM=bm, BN=bn, BK=bk)
