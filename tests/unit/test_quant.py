@@ -186,3 +186,115 @@ def test_non_positive_definite_hessian_falls_back_to_rtn():
     q = quantize_experts(w, h, n, QuantSpec(4, 32))
     rtn = quantize_experts(w, None, None, QuantSpec(4, 32, method="rtn"))
     assert q.fallback.tolist() == [True, False, False] and torch.equal(q.codes[0], rtn.codes[0])
+
+
+# --- HQQ (hqq library), format version 2 (float16 zero points), layer-by-layer writer -------------------
+
+HQQ_BOUND = {32: 0.96, -1: 0.995}  # HQQ/RTN weight error, measured 0.90-0.93 (group 32), 0.95-0.985 (per channel)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_hqq_weight_error_is_below_rtn(bits, group_size):
+    w = weights()
+    hqq = quantize_experts(w, None, None, QuantSpec(bits, group_size, method="hqq"))
+    rtn = quantize_experts(w, None, None, QuantSpec(bits, group_size, method="rtn"))
+    ratio = (dequantize(hqq) - w).flatten(1).norm(dim=1) / (dequantize(rtn) - w).flatten(1).norm(dim=1)
+    assert (ratio < HQQ_BOUND[group_size]).all(), ratio
+    assert hqq.zeros.dtype == torch.float16 and hqq.scales.dtype == torch.float16 and not hqq.fallback.any()
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_hqq_codes_and_dequantize_match_hqq_itself(bits):
+    from hqq.core.quantize import Quantizer
+
+    from moesweep.quant.core import hqq_expert
+
+    w = weights()
+    spec = QuantSpec(bits, 32, method="hqq")
+    q = quantize_experts(w, None, None, spec)
+    ours = dequantize(q)
+    for e in range(E):
+        w_q, meta = hqq_expert(w[e], spec)
+        assert torch.equal(unpack_codes(q.codes[e], bits, IN).float(), w_q.reshape(OUT, IN))
+        # hqq's own dequantize with the float16 meta we store (what HQQLinear keeps with compute_dtype=float16)
+        half = {**meta, "compute_dtype": torch.float32, "scale": meta["scale"].half().float(),
+                "zero": meta["zero"].half().float()}
+        assert torch.equal(Quantizer.dequantize(w_q, half), ours[e])
+        # ... and within float16 rounding of hqq's float32 meta
+        exact = Quantizer.dequantize(w_q, {**meta, "compute_dtype": torch.float32})
+        step = meta["scale"].abs().max().item()
+        assert (exact - ours[e]).abs().max().item() < 2 ** -9 * (2 ** bits) * step
+
+
+def test_hqq_refuses_symmetric_and_ragged_groups():
+    with pytest.raises(ValueError, match="no symmetric variant"):
+        QuantSpec(4, 32, symmetric=True, method="hqq")
+    with pytest.raises(ValueError, match="multiple of group_size 48"):
+        quantize_experts(weights(), None, None, QuantSpec(4, 48, method="hqq"))
+
+
+def test_hqq_store_round_trip(tmp_path):
+    spec = QuantSpec(3, 32, method="hqq")
+    layers = {"layers.0.gate_up_proj": quantize_experts(weights(), None, None, spec),
+              "layers.0.down_proj": quantize_experts(weights(out=IN, n_in=OUT), None, None, spec)}
+    path = tmp_path / "hqq.safetensors"
+    save_quantized(path, layers, {"model_id": "m"})
+    loaded, meta = load_quantized(path, {"model_id": "m", "method": "hqq"})
+    assert meta["zero_dtype"] == "float16" and meta["format_version"] == "2"
+    for name, q in layers.items():
+        assert loaded[name].zeros.dtype == torch.float16 and torch.equal(loaded[name].zeros, q.zeros)
+        assert torch.equal(dequantize(loaded[name]), dequantize(q))
+    assert expert_nbytes(layers["layers.0.gate_up_proj"]).tolist() == [OUT * IN * 3 // 8 + OUT * 4 * (2 + 2)] * E
+
+
+def _resave(path, out, edit_tensors=None, edit_meta=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    (edit_tensors or (lambda t: None))(tensors)
+    (edit_meta or (lambda m: None))(meta)
+    save_file(tensors, str(out), metadata=meta)
+
+
+def test_store_reads_version_1_and_validates_dtypes(tmp_path):
+    layers, _ = small_model(QuantSpec(4, 32, method="rtn"))
+    path = tmp_path / "v2.safetensors"
+    save_quantized(path, layers, {"model_id": "m"})
+    v1 = tmp_path / "v1.safetensors"  # what version 1 wrote: no zero_dtype key
+    _resave(path, v1, edit_meta=lambda m: (m.pop("zero_dtype"), m.update(format_version="1")))
+    loaded, _ = load_quantized(v1, {"model_id": "m"})
+    assert all(torch.equal(dequantize(loaded[n]), dequantize(q)) for n, q in layers.items())
+    wrong = tmp_path / "wrong.safetensors"
+    _resave(path, wrong, edit_tensors=lambda t: t.update({"layers.0.down_proj.zeros": t["layers.0.down_proj.zeros"].half()}))
+    with pytest.raises(ArtefactError, match=r"layers\.0\.down_proj\.zeros is .*float16.*expected .*uint8"):
+        load_quantized(wrong, {})
+    claims_hqq = tmp_path / "claims.safetensors"
+    _resave(path, claims_hqq, edit_meta=lambda m: m.update(zero_dtype="float16"))
+    with pytest.raises(ArtefactError, match="zero_dtype is 'float16', but method 'rtn'"):
+        load_quantized(claims_hqq, {})
+
+
+@pytest.mark.parametrize("method", ["gptq", "hqq"])
+def test_layer_by_layer_writer_equals_save_quantized(tmp_path, method):
+    from moesweep.quant import QuantizedWriter
+
+    layers, _ = small_model(QuantSpec(4, 32, method=method))
+    save_quantized(tmp_path / "whole.safetensors", layers, {"model_id": "m"})
+    shapes = {n: q.shape for n, q in layers.items()}
+    with QuantizedWriter(tmp_path / "streamed.safetensors", QuantSpec(4, 32, method=method), shapes, {"model_id": "m"}) as w:
+        for name in reversed(list(layers)):  # any order
+            w.add(name, layers[name])
+    a, meta_a = load_quantized(tmp_path / "whole.safetensors", {})
+    b, meta_b = load_quantized(tmp_path / "streamed.safetensors", {"shapes": shapes})
+    assert meta_a == meta_b
+    for name in layers:
+        for part in ("codes", "scales", "zeros", "fallback"):
+            assert torch.equal(getattr(a[name], part), getattr(b[name], part))
+    # a file missing a declared layer is never left behind
+    with pytest.raises(ValueError, match="never written"):
+        with QuantizedWriter(tmp_path / "partial.safetensors", QuantSpec(4, 32, method=method), shapes, {}) as w:
+            w.add("layers.0.down_proj", layers["layers.0.down_proj"])
+    assert not (tmp_path / "partial.safetensors").exists() and len(list(tmp_path.iterdir())) == 2

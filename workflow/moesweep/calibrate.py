@@ -19,10 +19,16 @@ from .routing import RoutingContext
 log = logging.getLogger(__name__)
 
 
-def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device: str):
+def _batches(tokenizer, texts: list, max_length: int, batch_size: int, device: str):
+    """Batches of (input_ids, attention_mask, position_ids), left-padded. A sample is a string (tokenized,
+    truncated to max_length) or a list of token ids (a plain-text calibration chunk, used as is)."""
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=False)
+        chunk = texts[i:i + batch_size]
+        if all(isinstance(t, str) for t in chunk):
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                            add_special_tokens=False)
+        else:
+            enc = tokenizer.pad({"input_ids": [list(t) for t in chunk]}, return_tensors="pt", padding=True)
         attention = enc.attention_mask.to(device)
         position = (attention.cumsum(-1) - 1).clamp_min(0)
         yield enc.input_ids.to(device), attention, position
@@ -53,47 +59,84 @@ class _RouterObserver(torch.nn.Module):
         return logits, weights, index
 
 
+class _Accumulator:
+    """Per-expert Hessians, token counts and β ratios of one calibration set, filled layer by layer or all
+    at once; the same code serves the whole-model and the layer-by-layer pass, so both sum the same
+    float64 products in the same order."""
+
+    def __init__(self, E: int, context: RoutingContext, expert_inputs: str):
+        if expert_inputs not in ("routed", "all"):
+            raise ValueError(f"expert_inputs must be 'routed' or 'all', got {expert_inputs!r}")
+        self.E, self.context, self.expert_inputs = E, context, expert_inputs
+        self.hess: dict[tuple[int, str], torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        self.ratios: dict[int, list] = {}
+        self._handles: dict[int, object] = {}
+
+    def observer(self, layer_idx, expert, x, h):
+        for name, act in (("gate_up_proj", x), ("down_proj", h)):
+            key = (layer_idx, name)
+            if key not in self.hess:
+                self.hess[key] = torch.zeros(self.E, act.shape[1], act.shape[1], dtype=torch.float64, device=act.device)
+            a = act.double()
+            self.hess[key][expert] += a.T @ a
+        self.counts[layer_idx][expert] += x.shape[0]
+
+    def _all_tokens_hook(self, module, args):
+        x = args[0][self.context.valid] if self.context.valid is not None else args[0]
+        for e in range(self.E):
+            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+            self.observer(module.moesweep_layer, e, x, module.act_fn(gate) * up)
+
+    def attach(self, adapter, layer) -> None:
+        self.counts.setdefault(layer.index, torch.zeros(self.E, dtype=torch.long))
+        self.ratios.setdefault(layer.index, [])
+        if self.expert_inputs == "routed":
+            layer.experts.moesweep_observer = self.observer
+        else:
+            self._handles[layer.index] = layer.experts.register_forward_pre_hook(self._all_tokens_hook)
+        adapter.install_router(layer, _RouterObserver(layer.router, self.ratios[layer.index]))
+
+    def detach(self, adapter, layer) -> None:
+        handle = self._handles.pop(layer.index, None)
+        if handle is not None:
+            handle.remove()
+        layer.experts.moesweep_observer = None
+        if isinstance(layer.router, _RouterObserver):
+            adapter.install_router(layer, layer.router.inner)
+
+    def layer_hessians(self, layer, device="cpu") -> dict[str, torch.Tensor]:
+        """Finished float32 Hessians of one layer ("layers.i.proj" -> [E, d, d]); frees the float64 sums.
+        An expert no calibration token reached still gets an all-zero Hessian of the right shape."""
+        out = {}
+        for name, dim in (("gate_up_proj", layer.experts.gate_up_proj.shape[2]),
+                          ("down_proj", layer.experts.down_proj.shape[2])):
+            h = self.hess.pop((layer.index, name), None)
+            out[f"layers.{layer.index}.{name}"] = (h.float().to(device) if h is not None
+                                                   else torch.zeros(self.E, dim, dim, device=device))
+        return out
+
+    def beta(self, index: int) -> float:
+        return float(torch.cat(self.ratios[index]).median())
+
+
 @torch.inference_mode()
-def collect_calibration(model, tokenizer, adapter, texts: list[str], max_length: int, batch_size: int = 8,
+def collect_calibration(model, tokenizer, adapter, texts: list, max_length: int, batch_size: int = 8,
                         device: str = "cpu", progress=None, expert_inputs: str = "routed") -> CalibrationResult:
-    """One teacher-forced pass with native routing; Hessians accumulated in float64 for stability, stored in float32.
+    """One teacher-forced pass of the whole model with native routing; Hessians accumulated in float64 for
+    stability, stored in float32. (The stages use collect_calibration_layerwise, which gives the same
+    numbers without loading the model; this is its reference.)
 
     expert_inputs: "routed" = each expert's Hessians from the tokens routed to it (rare experts see few);
     "all" = every calibration token through every expert (as MoE-specific PTQ work does), while the layer's
     output still uses the native routing, so later layers see the real distribution.
     """
-    if expert_inputs not in ("routed", "all"):
-        raise ValueError(f"expert_inputs must be 'routed' or 'all', got {expert_inputs!r}")
     context = RoutingContext()
+    acc = _Accumulator(adapter.num_experts, context, expert_inputs)
     install_policy(adapter, Routing("native"), context)
     layers = adapter.layers()
-    E = adapter.num_experts
-    hess: dict[tuple[int, str], torch.Tensor] = {}
-    counts = {l.index: torch.zeros(E, dtype=torch.long) for l in layers}
-    ratios: dict[int, list] = {l.index: [] for l in layers}
-
-    def observer(layer_idx, expert, x, h):
-        for name, act in (("gate_up_proj", x), ("down_proj", h)):
-            key = (layer_idx, name)
-            if key not in hess:
-                hess[key] = torch.zeros(E, act.shape[1], act.shape[1], dtype=torch.float64, device=act.device)
-            a = act.double()
-            hess[key][expert] += a.T @ a
-        counts[layer_idx][expert] += x.shape[0]
-
-    def all_tokens_hook(module, args):
-        x = args[0][context.valid] if context.valid is not None else args[0]
-        for e in range(E):
-            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
-            observer(module.moesweep_layer, e, x, module.act_fn(gate) * up)
-
-    handles = []
     for l in layers:
-        if expert_inputs == "routed":
-            l.experts.moesweep_observer = observer
-        else:
-            handles.append(l.experts.register_forward_pre_hook(all_tokens_hook))
-        adapter.install_router(l, _RouterObserver(l.router, ratios[l.index]))
+        acc.attach(adapter, l)
     total = 0
     try:
         batches = _batches(tokenizer, texts, max_length, batch_size, device)
@@ -102,18 +145,62 @@ def collect_calibration(model, tokenizer, adapter, texts: list[str], max_length:
             model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=False)
             total += int(attention.sum())
     finally:
-        for h in handles:
-            h.remove()
         for l in adapter.layers():
-            l.experts.moesweep_observer = None
-            adapter.install_router(l, l.router.inner)
-    hessians = {f"layers.{i}.{name}": h.float().cpu() for (i, name), h in sorted(hess.items())}
-    # An expert no calibration token reached still gets an all-zero Hessian of the right shape.
-    for l in layers:
-        for name, dim in (("gate_up_proj", l.experts.gate_up_proj.shape[2]), ("down_proj", l.experts.down_proj.shape[2])):
-            hessians.setdefault(f"layers.{l.index}.{name}", torch.zeros(E, dim, dim))
-    betas = {i: float(torch.cat(r).median()) for i, r in ratios.items()}
-    return CalibrationResult(hessians, {f"layers.{i}": c for i, c in counts.items()}, betas, total)
+            acc.detach(adapter, l)
+    hessians = {}
+    for l in adapter.layers():
+        hessians.update(acc.layer_hessians(l))
+    return CalibrationResult(hessians, {f"layers.{i}": c for i, c in acc.counts.items()},
+                             {l.index: acc.beta(l.index) for l in layers}, total)
+
+
+@torch.inference_mode()
+def collect_calibration_layerwise(runners: dict, adapter, expert_inputs: str = "routed", on_layer=None,
+                                  progress=None, keep: bool = True) -> dict[str, CalibrationResult]:
+    """Calibration of several sample sets (e.g. {"calibration": ..., "heldout": ...}) in one layer-by-layer
+    pass over a skeleton model (layerwise.LayerwiseModel per set, all sharing `adapter`'s skeleton).
+
+    Each decoder layer is materialised once, every set's batches run through it, and its Hessians are
+    finished before the next layer loads. `on_layer(layer, module, {set: {"layers.i.proj": H}}, {set: counts})`
+    is called while the layer's weights are still on the device (the fused quantize stage quantizes
+    there); with keep=False the Hessians are not kept in the result (only counts, β and token totals).
+    Gives the same numbers as collect_calibration on each set (tested).
+    """
+    contexts = {name: RoutingContext() for name in runners}
+    accs = {name: _Accumulator(adapter.num_experts, contexts[name], expert_inputs) for name in runners}
+    first = next(iter(runners.values()))
+    install_policy(adapter, Routing("native"), contexts[next(iter(runners))])
+    results = {name: CalibrationResult({}, {}, {}, r.tokens) for name, r in runners.items()}
+    layer_items = adapter.layers()
+    moe_by_index = {l.index: l for l in layer_items}
+    indices = range(len(first.model.model.layers))
+    for index in (progress(indices) if progress else indices):
+        first.materialise(index)
+        moe = moe_by_index.get(index)
+        try:
+            layer_hess = {}
+            for name, runner in runners.items():
+                if moe is not None:
+                    moe.router.context = contexts[name]  # the PolicyRouter reads `valid` from its context
+                    accs[name].attach(adapter, moe)
+                try:
+                    runner.forward_layer(index, contexts[name])
+                finally:
+                    if moe is not None:
+                        accs[name].detach(adapter, moe)
+                if moe is not None:
+                    layer_hess[name] = accs[name].layer_hessians(moe, runner.device)
+                    results[name].token_counts[f"layers.{index}"] = accs[name].counts[index]
+                    results[name].skip_beta[index] = accs[name].beta(index)
+            if moe is not None:
+                if on_layer is not None:
+                    on_layer(moe, layer_hess, {n: accs[n].counts[index] for n in runners})
+                if keep:
+                    for name in runners:
+                        results[name].hessians.update({k: v.cpu() for k, v in layer_hess[name].items()})
+        finally:
+            first.release(index)
+    return results
 
 
 @torch.inference_mode()

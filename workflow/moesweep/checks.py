@@ -14,7 +14,24 @@ from pathlib import Path
 
 from .grid import FULL_BITS, Cell
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
+# Per supported family (model_type), the config.json keys transformers 5.17 reads for the number of routed
+# experts (first key present wins; several where the config class maps an alias onto it, e.g. Qwen3-MoE files
+# written by transformers 4 say num_experts), for k and for the routed experts' intermediate size. The default
+# family first: it is the one named first in every "supported:" message.
+FAMILIES = {
+    "qwen3_moe": {"experts": ("num_local_experts", "num_experts"), "top_k": "num_experts_per_tok",
+                  "intermediate": "moe_intermediate_size"},
+    "qwen2_moe": {"experts": ("num_experts",), "top_k": "num_experts_per_tok", "intermediate": "moe_intermediate_size"},
+    "olmoe": {"experts": ("num_experts", "num_local_experts"), "top_k": "num_experts_per_tok",
+              "intermediate": "intermediate_size"},
+    "mixtral": {"experts": ("num_local_experts", "num_experts"), "top_k": "num_experts_per_tok",
+                "intermediate": "intermediate_size"},
+    "phimoe": {"experts": ("num_local_experts",), "top_k": "num_experts_per_tok", "intermediate": "intermediate_size"},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# transformers 5.17's sparsemixer (Phi-3.5-MoE's router) selects exactly two experts whatever
+# num_experts_per_tok says; any other value would make the sweep's k disagree with what the model computes.
+PHIMOE_TOP_K = 2
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -29,14 +46,15 @@ def is_local(path_or_id: str) -> bool:
     return p.exists() or path_or_id.startswith((".", "/", "~")) or not HUB_ID.fullmatch(path_or_id)
 
 
-def packed_expert_bytes(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> int:
+def packed_expert_bytes(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool,
+                        zero_bytes: int = 1) -> int:
     """Bytes of one expert projection in the quantize stage's packed format (must equal quant.expert_nbytes):
     row-packed codes + float16 scales + uint8 zero points (asymmetric only), per output row and group."""
     if bits == FULL_BITS:
         return out_features * in_features * 2
     groups = 1 if group_size <= 0 else math.ceil(in_features / group_size)
     codes = out_features * math.ceil(in_features * bits / 8)
-    return codes + out_features * groups * (2 + (0 if symmetric else 1))
+    return codes + out_features * groups * (2 + (0 if symmetric else zero_bytes))  # hqq: float16 zeros, 2 bytes
 
 
 def read_local_model_config(model_id: str) -> dict | None:
@@ -51,20 +69,50 @@ def read_local_model_config(model_id: str) -> dict | None:
     if not cfg_path.is_file():
         raise ConfigError(f"model.id {model_id!r}: no config.json in that directory")
     cfg = json.loads(cfg_path.read_text())
-    # transformers 5 writes the expert count as num_local_experts (older files: num_experts).
-    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES or not (cfg.get("num_experts") or cfg.get("num_local_experts")):
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.id {model_id!r}: model_type {cfg.get('model_type')!r} is not a supported MoE family; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_family_config(cfg, f"model.id {model_id!r}")
     if not any((root / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model.id {model_id!r}: tokenizer missing (expected one of {', '.join(TOKENIZER_FILES)})")
     return cfg
 
 
+def num_experts(cfg: dict) -> int | None:
+    """Routed experts per MoE layer from a config.json dict of a supported family (None when no key is set)."""
+    keys = FAMILIES[cfg["model_type"]]["experts"]
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
+def expert_intermediate_size(cfg: dict) -> int:
+    """Intermediate size of one routed expert (Qwen: moe_intermediate_size; OLMoE, Mixtral, Phi-MoE: intermediate_size)."""
+    return cfg[FAMILIES[cfg["model_type"]]["intermediate"]]
+
+
+def check_family_config(cfg: dict, where: str) -> None:
+    """The keys the sweep reads from a supported family's config.json are there and make an MoE."""
+    fam = FAMILIES[cfg["model_type"]]
+    E = num_experts(cfg)
+    if not isinstance(E, int) or E < 1:
+        raise ConfigError(f"{where}: model_type {cfg['model_type']!r} needs a positive integer expert count in "
+                          f"config.json key {' or '.join(fam['experts'])} (got {E!r}); without experts it is no MoE")
+    for key in (fam["top_k"], fam["intermediate"], "hidden_size"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ConfigError(f"{where}: config.json of model_type {cfg['model_type']!r} needs a positive integer "
+                              f"{key!r} (got {cfg.get(key)!r})")
+    if cfg[fam["top_k"]] > E:
+        raise ConfigError(f"{where}: num_experts_per_tok={cfg[fam['top_k']]} exceeds the {E} experts")
+    if cfg["model_type"] == "phimoe" and cfg[fam["top_k"]] != PHIMOE_TOP_K:
+        raise ConfigError(f"{where}: phimoe with num_experts_per_tok={cfg[fam['top_k']]}: transformers' sparsemixer "
+                          f"router always selects exactly {PHIMOE_TOP_K} experts; allowed: {PHIMOE_TOP_K}")
+
+
 def smallest_budget(cfg: dict, bits_low: int, quant: dict) -> float:
     """Fraction of the 16-bit expert bytes needed with every expert at bits_low."""
-    H, I = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    H, I = cfg["hidden_size"], expert_intermediate_size(cfg)
     gs, sym = quant["group_size"], quant.get("symmetric", False)
-    low = packed_expert_bytes(2 * I, H, bits_low, gs, sym) + packed_expert_bytes(H, I, bits_low, gs, sym)
+    zb = 2 if quant.get("method") == "hqq" else 1
+    low = packed_expert_bytes(2 * I, H, bits_low, gs, sym, zb) + packed_expert_bytes(H, I, bits_low, gs, sym, zb)
     return low / (3 * H * I * 2)
 
 
@@ -82,21 +130,62 @@ def check_data_source(dataset: dict, key: str = "source", section: str = "datase
         raise ConfigError(f"{section}.{key} {source!r}: the file is empty")
 
 
+TEXT_SUFFIXES = (".txt", *DATA_SUFFIXES)
+
+
+def check_calibration_source(calib: dict) -> None:
+    """calibration.source: GSM-style problems as dataset.source; with format: text a hub id or a local
+    .txt/.jsonl/.json/.parquet file whose records have `text_field` (checked here for jsonl and parquet)."""
+    if calib.get("format", "problems") != "text":
+        check_data_source(calib, "source", "calibration")
+        return
+    source, field = calib.get("source"), calib.get("text_field", "text")
+    if not source or source == "synthetic":
+        raise ConfigError("calibration.format 'text' needs calibration.source: a hub id or a local "
+                          f"{'/'.join(TEXT_SUFFIXES)} file (the synthetic source has no plain text)")
+    if not is_local(source):
+        return
+    p = Path(source).expanduser()
+    if p.suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"calibration.source {source!r}: a local text file must end in {', '.join(TEXT_SUFFIXES)}")
+    if not p.is_file():
+        raise ConfigError(f"calibration.source {source!r}: no such file")
+    if p.stat().st_size == 0:
+        raise ConfigError(f"calibration.source {source!r}: the file is empty")
+    if p.suffix == ".jsonl":
+        with p.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"calibration.source {source!r}: first line is not JSON ({err})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ConfigError(f"calibration.source {source!r}: records have no {field!r} field "
+                              f"(set calibration.text_field)")
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq  # only when a parquet text source is configured
+
+        names = pq.read_schema(p).names
+        if field not in names:
+            raise ConfigError(f"calibration.source {source!r}: no column {field!r} (columns: {', '.join(names)}; "
+                              f"set calibration.text_field)")
+
+
 def check_config(config: dict, cells: list[Cell]) -> None:
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
-    check_data_source(config.get("calibration", {}), "source", "calibration")
+    check_calibration_source(config.get("calibration", {}))
     cfg = read_local_model_config(config["model"]["id"])
     if cfg is None:
         return
-    native_k = cfg.get("num_experts_per_tok")
+    native_k = cfg[FAMILIES[cfg["model_type"]]["top_k"]]
     for c in cells:
         if c.routing.top_k is not None and c.routing.top_k > native_k:
             raise ConfigError(f"cell {c.id}: top_k={c.routing.top_k} exceeds the checkpoint's num_experts_per_tok="
                               f"{native_k}; allowed: 1..{native_k}")
         p = c.precision
         if p.policy == "offload":
-            need = 1 / (cfg.get("num_experts") or cfg.get("num_local_experts"))
+            need = 1 / num_experts(cfg)
             if p.memory_budget < need:
                 raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} holds no full-precision expert per "
                                   f"layer; allowed: {need:.4f}..1")

@@ -39,6 +39,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def length_sorted_batches(tokenizer, prompts: list[str], batch_size: int) -> tuple[list[int], list[list[int]]]:
+    """Token length of every prompt, and batches of prompt indices, longest first (least padding per batch)."""
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    return lengths, [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def _first_stop(text: str, stops) -> int:
     cut = [text.find(s) for s in stops if s and s in text]
     return min(cut) if cut else -1
@@ -53,14 +60,11 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 
     context = context or RoutingContext()
     eos = tokenizer.eos_token_id
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    _, batches = length_sorted_batches(tokenizer, prompts, batch_size)
     timing = GenerationTiming()
     completions: dict[int, Completion] = {}
 
-    starts = range(0, len(order), batch_size)
-    for b in (progress(starts, desc="batches") if progress else starts):
-        batch = order[b:b + batch_size]
+    for batch in (progress(batches, desc="batches") if progress else batches):
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         input_ids, attention = enc.input_ids.to(device), enc.attention_mask.to(device)
         timing.prompt_tokens += int(attention.sum())
@@ -73,6 +77,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         _sync(device)
         t0 = time.perf_counter()
         context.valid = attention.bool().reshape(-1)
+        context.phase = "prefill"  # routers and controllers account decode traffic separately
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
         context.end_call()
@@ -99,6 +104,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=1)
             position = position[:, -1:] + 1
             context.valid = torch.ones(len(live), dtype=torch.bool, device=device)
+            context.phase = "decode"
             logits = model(input_ids=next_token[:, None], attention_mask=attention, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
             context.end_call()  # precision controllers update between forward calls
@@ -111,6 +117,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         timing.generated_tokens += c.generated_tokens
         timing.decode_tokens += c.generated_tokens - 1
     context.valid = None
+    context.phase = None
     return [completions[i] for i in range(len(prompts))], timing
 
 

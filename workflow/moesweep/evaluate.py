@@ -19,6 +19,7 @@ from .model import install_policy, load_model
 from .dynamic import DynamicPrecision, OffloadCache
 from .precision import apply_map, build_map, expert_versions, full_expert_bytes, layer_budgets, tier_bytes
 from .routing import RoutingContext
+from .costmodel import SUPPORTED_MODEL_TYPES, HostTrafficMeter, ModelShapes
 from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
 from .data.gsm8k import gold_answer
 
@@ -45,6 +46,30 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"evaluate.device is {device!r} but CUDA is not available on this machine")
     return device
+
+
+FAST_PRECISION_POLICIES = ("full", "uniform", "hotcold")  # static maps; online policies run on the reference engine
+
+
+def resolve_engine(requested: str, device: str, precision_policy: str, widths: set[int], dtype: str) -> str:
+    """'fast' or 'reference' for this cell. auto = fast on CUDA for what the fast engine serves, else reference
+    (the choice is recorded in the `engine` column of every result row). The fast kernels compute in bfloat16, so
+    it also needs model.dtype: bfloat16 — never a silent change of the compute dtype between cells of a sweep."""
+    fast_bits = (16, 8, 4, 2)  # fast.kernels.FAST_BITS, not imported here: triton is only needed on the fast path
+    reason = None
+    if not device.startswith("cuda"):
+        reason = "it needs CUDA"
+    elif precision_policy not in FAST_PRECISION_POLICIES:
+        reason = f"precision policy {precision_policy!r} runs on the reference engine (fast serves {FAST_PRECISION_POLICIES})"
+    elif not widths <= set(fast_bits):
+        reason = f"widths {sorted(widths)} include one outside {fast_bits}"
+    elif dtype != "bfloat16":
+        reason = f"model.dtype is {dtype!r} and the fast engine computes in 'bfloat16'"
+    if requested == "fast" and reason:
+        raise ValueError(f"evaluate.engine is 'fast' but {reason}; use evaluate.engine: auto or reference")
+    if requested == "auto":
+        return "reference" if reason else "fast"
+    return requested
 
 
 def load_quantized_tiers(paths: dict[int, str], model_id: str) -> dict[int, dict]:
@@ -97,11 +122,14 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     torch.set_num_threads(threads)
     ev, ds, pr, mcfg = settings["evaluate"], settings["dataset"], settings["prompt"], settings["model"]
     device = resolve_device(ev["device"])
+    pc = cell_rec.precision
+    dtype = mcfg.get("dtype", "float32")
+    engine = resolve_engine(ev.get("engine", "auto"), device, pc.policy, {pc.bits_high, pc.bits_low}, dtype)
 
     problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
     preset = get_preset(pr["preset"])
     fewshot = select_fewshot(preset, fewshot_pool(ds, preset, seed), seed)
-    model, tokenizer, adapter = load_model(mcfg["id"], mcfg.get("dtype", "float32"), device, mcfg.get("revision"),
+    model, tokenizer, adapter = load_model(mcfg["id"], dtype, device, mcfg.get("revision"),
                                            mcfg.get("trust_remote_code", False))
     chat = tokenizer if pr.get("chat_template") else None
     prompts = [build_prompt(preset, p["question"], fewshot, chat_template=chat) for p in problems]
@@ -111,11 +139,11 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
     hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
-    pc = cell_rec.precision
     pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness)
     online = pc.policy in ("dynamic", "frozen", "offload")
     versions = expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low}) if pc.policy in ("dynamic", "frozen") else None
-    apply_map(adapter, pmap, quantized)
+    if engine == "reference":
+        apply_map(adapter, pmap, quantized)  # the fast engine reads the packed tiers themselves
     betas = None
     if routing_stats_path:
         stats = io.read_json(routing_stats_path, "rerun the calibrate stage (snakemake --forcerun calibrate)")
@@ -135,23 +163,57 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
                                 versions, bytes_by_tier, pc.bits_high, pc.bits_low, layer_budgets(pc, full),
                                 pc.alpha, pc.update_every, pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
 
-    # Warm-up on a few prompts (allocator, thread pools) so the clocks measure steady state.
-    generate_greedy(model, tokenizer, prompts[: min(4, len(prompts))], 4, ev["batch_size"], preset.stop, context, device)
+    if engine == "fast":
+        from .fast.engine import FastQwen3MoeEngine
+
+        fast = FastQwen3MoeEngine(model, adapter, cell_rec.routing, pmap.bits, quantized, betas,
+                                  pmap.hot_masks(pc.bits_high) if pc.policy == "hotcold" else None)
+
+    def generate(prompts_, max_new_tokens, progress_=None):
+        if engine == "reference":
+            return generate_greedy(model, tokenizer, prompts_, max_new_tokens, ev["batch_size"], preset.stop, context,
+                                   device, progress_)
+        fast.reset_stats()
+        out = fast.generate(tokenizer, prompts_, max_new_tokens, ev["batch_size"], preset.stop, progress=progress_)
+        context.stats = fast.routing_stats()
+        return out
+
+    # Warm-up on a few prompts (allocator, thread pools, kernel compilation, graph capture) so the clocks measure
+    # steady state.
+    generate(prompts[: min(4, len(prompts))], 4)
     # Repeats: null = 3 on GPU (clocks vary run to run), 1 on CPU (the sweep's time budget).
     repeats = ev.get("repeats") or (3 if device.startswith("cuda") else 1)
     runs = []
     controller = None
+    meter = None  # host-link bytes by phase (online precision policies)
     for _ in range(repeats):
         context.reset()
         if online:
             controller = fresh_controller()
             context.observers = [controller]
+            meter = HostTrafficMeter((lambda c=controller: c.bytes_moved) if pc.policy == "offload"
+                                     else (lambda c=controller: c.stats.bytes_moved), context)
+            context.observers.append(meter)  # after the controller: sees the transitions it makes at a call's end
             if pc.policy != "offload":
                 context.hot_masks = controller.high  # live: updated in place by every transition
-        completions, timing = generate_greedy(model, tokenizer, prompts, pr["max_new_tokens"], ev["batch_size"],
-                                              preset.stop, context, device, progress)
+        completions, timing = generate(prompts, pr["max_new_tokens"], progress)
         runs.append((completions, timing))
     completions, timing = runs[-1]  # greedy and deterministic: every repeat yields the same text
+    # Cost-model inputs (costmodel.py). KV positions attended: sequence i's decode call j (1..G_i-1) attends its
+    # P_i prompt tokens and j generated ones (no padding: what a paged engine reads).
+    prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]  # as the engine counts
+    decode_positions = sum((c.generated_tokens - 1) * P + (c.generated_tokens - 1) * c.generated_tokens // 2
+                           for P, c in zip(prompt_lengths, completions))
+    model_cfg = model.config.to_dict()
+    shapes = (ModelShapes.from_config(model_cfg, mcfg.get("name") or str(mcfg["id"]))
+              if model_cfg.get("model_type") in SUPPORTED_MODEL_TYPES else None)
+    if shapes is None:
+        log.warning("cost model: no shapes for model_type %r (supported: %s); its shape columns stay null and "
+                    "the cost model will refuse this cell", model_cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
+    steps = timing.decode_steps
+    if any(s.decode_calls != steps for s in context.stats.values()):
+        raise RuntimeError(f"decode calls per layer {[s.decode_calls for s in context.stats.values()]} differ from the "
+                           f"engine's {steps} decode steps")
 
     rows = []
     for p, c in zip(problems, completions):
@@ -170,7 +232,10 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         layer_rows.append({"cell": cell_rec.id, "layer": layer, "tokens": s.tokens, "assignments_routed": s.routed,
                            "assignments_dropped": s.dropped, "experts_per_token": (s.routed - s.dropped) / max(s.tokens, 1),
                            "load_imbalance": float(load.max() / load.mean()) if load.sum() > 0 else float("nan"),
-                           "hot_hits": s.hot_hits, "load": s.load.tolist()})
+                           "hot_hits": s.hot_hits, "load": s.load.tolist(),
+                           "decode_steps": s.decode_calls, "decode_tokens": s.decode_tokens,
+                           "decode_assignments": s.decode_kept, "distinct_experts_decode": s.distinct_experts_decode,
+                           "distinct_high_decode": s.distinct_high_decode})
     layers_df = pd.DataFrame(layer_rows)
 
     n = len(rows)
@@ -221,13 +286,29 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "batch_size": ev["batch_size"], "max_new_tokens": pr["max_new_tokens"], "prompt_preset": pr["preset"],
         "n_shots": preset.n_shots, "chat_template": bool(pr.get("chat_template")),
         "extraction": "lm-eval gsm8k strict-match (preset regex) / flexible-extract; exact_match",
-        "sorted_by_length": True, "engine": "reference", "device": device, "threads": threads,
-        "model": mcfg.get("name") or str(mcfg["id"]), "model_id": str(mcfg["id"]), "dtype": mcfg.get("dtype", "float32"),
+        "sorted_by_length": True, "engine": engine, "device": device, "threads": threads,
+        "model": mcfg.get("name") or str(mcfg["id"]), "model_id": str(mcfg["id"]), "dtype": dtype,
         "dataset": ds["source"], "dataset_split": ds.get("split", "test"), "seed": seed,
         "config_hash": config_hash(settings, cell), "hardware": hardware_name(device),
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "mean_prompt_tokens": timing.prompt_tokens / max(n, 1),
         "mean_generated_tokens": timing.generated_tokens / max(n, 1),
+        # decode traffic (cost model): last repeat, like the routing columns
+        "num_layers": shapes.layers if shapes else None, "moe_layers": len(layers), "num_experts": adapter.num_experts,
+        "decode_steps": steps, "decode_tokens": timing.decode_tokens,
+        "distinct_experts_per_step": (sum(s.distinct_experts_decode for s in context.stats.values()) / steps
+                                      if steps else None),
+        "distinct_high_experts_per_step": (sum(s.distinct_high_decode for s in context.stats.values()) / steps
+                                           if steps else None),
+        "expert_bytes_high": statistics.fmean(float(bytes_by_tier[pc.bits_high][i].float().mean()) for i in layers),
+        "expert_bytes_low": statistics.fmean(float(bytes_by_tier[pc.bits_low][i].float().mean()) for i in layers),
+        "host_bytes_decode": meter.bytes["decode"] if meter else 0,
+        "mean_decode_context": decode_positions / timing.decode_tokens if timing.decode_tokens else None,
+        "max_prompt_tokens": max(prompt_lengths),
+        "dense_weight_bytes": shapes.dense_weight_bytes if shapes else None,
+        "dense_step_bytes": shapes.dense_step_bytes if shapes else None,
+        "embedding_row_bytes": shapes.embedding_row_bytes if shapes else None,
+        "kv_bytes_per_token": shapes.kv_bytes_per_token if shapes else None,
     }
     for k in ("top_k", "native_top_k", "bits_high", "bits_low"):
         summary[k] = int(summary[k])

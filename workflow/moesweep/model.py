@@ -2,6 +2,21 @@
 
 The adapter is the only place that knows where a family keeps its router and fused expert tensors; the
 routing, precision and calibration code talk to it. Adding an HF MoE family = writing one adapter.
+
+Supported (transformers 5.17 implementations; every one keeps its routed experts as fused 3-D tensors
+`gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] dispatched through `@use_experts_implementation`, so the
+project's sparse experts forward, calibration observer and precision maps work on all of them unchanged):
+
+* qwen3_moe  — softmax top-k router `mlp.gate`; `norm_topk_prob` from the config.
+* qwen2_moe  — the same router, plus a shared expert (`mlp.shared_expert`, gated by `mlp.shared_expert_gate`)
+               that every token goes through. The adapter never hands it out: routing policies cannot drop it and
+               precision maps, quantization, calibration and byte budgets cover routed experts only, so it stays at
+               the checkpoint's precision. Dense layers (`mlp_only_layers`, `decoder_sparse_step`) are skipped.
+* olmoe      — softmax top-k router `mlp.gate`; `norm_topk_prob` from the config (OLMoE-1B-7B: false).
+* mixtral    — softmax top-k router `mlp.gate` that always renormalises the k weights and returns them in
+               float32 (not cast to the logits' dtype); the adapter reproduces both.
+* phimoe     — Phi-3.5-MoE's sparsemixer router `mlp.router`, exactly two experts; see moesweep.sparsemixer for
+               how each routing policy maps onto it.
 """
 from __future__ import annotations
 
@@ -14,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import ConfigError, read_local_model_config
+from .checks import PHIMOE_TOP_K, SUPPORTED_MODEL_TYPES, ConfigError, check_family_config, read_local_model_config
 from .routing import PolicyRouter, RoutingContext, sparse_experts_forward
+from .sparsemixer import SparseMixerPolicyRouter
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +50,122 @@ class MoeLayer:
     experts: nn.Module  # holds fused gate_up_proj [E, 2I, H] and down_proj [E, H, I]
 
 
-class Qwen3MoeAdapter:
-    model_types = ("qwen3_moe",)
+class MoeAdapter:
+    """A family whose decoder layers' `mlp` is either dense or a sparse block holding a router at `router_attr`
+    (weight [E, H], no bias) and `experts` with fused tensors, `act_fn` and `num_experts`."""
+
+    model_types: tuple[str, ...] = ()
     projections = ("gate_up_proj", "down_proj")
+    router_attr = "gate"
+    experts_attr = "num_experts"  # config attribute holding E (read through the config class's attribute_map)
+    weights_dtype: torch.dtype | None = None  # dtype the family's router returns weights in (None: the logits')
+    # How the family's checkpoint files name the block, its router and the per-expert projections (gate, up,
+    # down). from_pretrained converts them (transformers' conversion_mapping); the layer-by-layer path
+    # (layerwise.py) reads shards itself and asks `checkpoint_key` / these names.
+    checkpoint_block = "mlp"
+    checkpoint_router = "gate"
+    checkpoint_expert_projections = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, model):
         self.model = model
         cfg = model.config
-        self.num_experts = cfg.num_experts
+        self.num_experts = getattr(cfg, self.experts_attr)
         self.top_k = cfg.num_experts_per_tok
-        self.norm_topk_prob = bool(cfg.norm_topk_prob)
+        self.norm_topk_prob = self.native_norm(cfg)
+
+    def native_norm(self, cfg) -> bool:
+        """Whether the family's router renormalises its k weights to sum 1."""
+        return bool(cfg.norm_topk_prob)
 
     def layers(self) -> list[MoeLayer]:
         out = []
         for i, layer in enumerate(self.model.model.layers):
-            mlp = layer.mlp
-            if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
-                out.append(MoeLayer(i, mlp, mlp.gate, mlp.experts))
+            block = layer.mlp
+            if not (hasattr(block, "experts") and hasattr(block, self.router_attr)):
+                continue  # a dense layer
+            self._check_experts(i, block.experts)
+            out.append(MoeLayer(i, block, getattr(block, self.router_attr), block.experts))
         return out
 
+    def _check_experts(self, index: int, experts: nn.Module) -> None:
+        """The fused layout every stage relies on; another layout (a future transformers) must fail here, clearly."""
+        gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        E = self.num_experts
+        if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+                and gu.shape[0] == dn.shape[0] == E and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
+                and getattr(experts, "num_experts", None) == E and hasattr(experts, "act_fn")):
+            raise ModelError(f"layer {index}: {type(experts).__name__} does not hold {E} fused experts as "
+                             f"gate_up_proj [E, 2I, H] and down_proj [E, H, I] (transformers 5.17's layout)")
+
+    def make_router(self, layer: MoeLayer, policy, context: RoutingContext, skip_beta: float | None) -> PolicyRouter:
+        router = PolicyRouter(layer.router.weight, self.top_k, self.norm_topk_prob, layer.index, policy, context,
+                              skip_beta)
+        router.weights_dtype = self.weights_dtype
+        return router
+
     def install_router(self, layer: MoeLayer, router: nn.Module) -> None:
-        layer.block.gate = router
+        setattr(layer.block, self.router_attr, router)
         layer.router = router
 
+    @classmethod
+    def checkpoint_key(cls, key: str) -> str:
+        """A decoder layer's state-dict key (e.g. 'mlp.router.weight') as the family's checkpoint names it
+        ('block_sparse_moe.gate.weight' for phimoe). Fused expert tensors are not covered (per-expert in files)."""
+        if not key.startswith("mlp."):
+            return key
+        rest = key[len("mlp."):]
+        if rest.startswith(cls.router_attr + "."):
+            rest = cls.checkpoint_router + rest[len(cls.router_attr):]
+        return f"{cls.checkpoint_block}.{rest}"
 
-ADAPTERS = {t: a for a in (Qwen3MoeAdapter,) for t in a.model_types}
+
+class Qwen3MoeAdapter(MoeAdapter):
+    model_types = ("qwen3_moe",)
+
+
+class Qwen2MoeAdapter(MoeAdapter):
+    # The shared expert and its gate stay in the block, outside layers()' experts: never routed, never quantized.
+    model_types = ("qwen2_moe",)
+
+
+class OlmoeAdapter(MoeAdapter):
+    model_types = ("olmoe",)
+
+
+class MixtralAdapter(MoeAdapter):
+    model_types = ("mixtral",)
+    checkpoint_block = "block_sparse_moe"
+    checkpoint_expert_projections = ("w1", "w3", "w2")
+    weights_dtype = torch.float32  # MixtralTopKRouter does not cast its weights back to the logits' dtype
+
+    def native_norm(self, cfg) -> bool:
+        return True  # MixtralTopKRouter always divides the top-k weights by their sum; the config has no switch
+
+
+class PhimoeAdapter(MoeAdapter):
+    model_types = ("phimoe",)
+    router_attr = "router"
+    experts_attr = "num_local_experts"
+    checkpoint_block = "block_sparse_moe"
+    checkpoint_expert_projections = ("w1", "w3", "w2")
+
+    def __init__(self, model):
+        super().__init__(model)
+        if self.top_k != PHIMOE_TOP_K:
+            raise ModelError(f"phimoe with num_experts_per_tok={self.top_k}: transformers' sparsemixer router always "
+                             f"selects exactly {PHIMOE_TOP_K} experts; allowed: {PHIMOE_TOP_K}")
+        self.jitter_eps = float(model.config.router_jitter_noise)
+
+    def native_norm(self, cfg) -> bool:
+        return False  # sparsemixer's multipliers are not renormalised
+
+    def make_router(self, layer, policy, context, skip_beta):
+        return SparseMixerPolicyRouter(layer.router.weight, self.top_k, self.norm_topk_prob, layer.index, policy,
+                                       context, skip_beta, jitter_eps=self.jitter_eps)
+
+
+ADAPTERS = {t: a for a in (Qwen3MoeAdapter, Qwen2MoeAdapter, OlmoeAdapter, MixtralAdapter, PhimoeAdapter)
+            for t in a.model_types}
 
 
 def _register_experts_implementation() -> None:
@@ -78,9 +185,15 @@ def read_model_type(model_id: str, revision: str | None = None) -> str:
     if local is not None:
         return local["model_type"]
     try:
-        return AutoConfig.from_pretrained(model_id, revision=revision).model_type
+        cfg = AutoConfig.from_pretrained(model_id, revision=revision)
     except OSError as err:
         raise ModelError(f"model.id {model_id!r}: cannot read its config.json ({err})") from None
+    if cfg.model_type in ADAPTERS:  # the checks local dirs got at DAG time, before any weight is downloaded
+        try:
+            check_family_config(cfg.to_dict(), f"model.id {model_id!r}")
+        except ConfigError as err:
+            raise ModelError(str(err)) from None
+    return cfg.model_type
 
 
 def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
@@ -93,7 +206,7 @@ def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revis
     model_type = read_model_type(model_id, revision)
     if model_type not in ADAPTERS:
         raise ModelError(f"model.id {model_id!r} has model_type {model_type!r}, which is not a supported MoE family; "
-                         f"supported: {', '.join(sorted(ADAPTERS))}")
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -117,16 +230,16 @@ def install_policy(adapter, policy, context: RoutingContext, skip_betas: dict[in
     adapter.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     for layer in adapter.layers():
         layer.experts.moesweep_layer = layer.index
-        weight = layer.router.weight
         beta = (skip_betas or {}).get(layer.index)
-        adapter.install_router(layer, PolicyRouter(weight, adapter.top_k, adapter.norm_topk_prob, layer.index,
-                                                   policy, context, beta))
+        adapter.install_router(layer, adapter.make_router(layer, policy, context, beta))
 
 
 def model_fingerprint(model_id: str) -> dict:
     """What identifies a checkpoint in artefact metadata: its id and, for local dirs, its config.json."""
     cfg_path = Path(model_id) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "moe_intermediate_size", "num_local_experts",
-            "num_experts", "num_experts_per_tok", "vocab_size")
+    # Expert shape and routing keys of every supported family (absent ones are recorded as None).
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "moe_intermediate_size", "intermediate_size",
+            "shared_expert_intermediate_size", "num_local_experts", "num_experts", "num_experts_per_tok",
+            "norm_topk_prob", "router_jitter_noise", "vocab_size")
     return {"model_id": str(model_id), **{k: cfg.get(k) for k in keys}}

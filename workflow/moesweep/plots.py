@@ -196,3 +196,49 @@ def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
         axes[0].axhline(100 * full.iloc[0]["accuracy_strict"], color="black", ls="--", lw=1)
     fig.suptitle("Expert precision under a memory budget (dashed: full precision) · " + _subtitle(cells), fontsize=10)
     _save(fig, path)
+
+
+def projection(cells: pd.DataFrame, path: str) -> None:
+    """Accuracy vs projected decode tokens/s, one panel per cost-model hardware profile; hollow = does not fit."""
+    sns.set_theme(style="whitegrid")
+    prefix = "projected_tokens_per_s_"
+    profiles = [c[len(prefix):] for c in cells.columns if c.startswith(prefix)]
+    if not profiles:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.text(0.5, 0.5, "no cost_model profiles in this config", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    ncols = min(3, len(profiles))
+    nrows = -(-len(profiles) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.5 * nrows), squeeze=False, sharey=True,
+                             layout="constrained")
+    families = list(dict.fromkeys(cells["policy"]))
+    palette = dict(zip(families, sns.color_palette("tab10", len(families))))
+    markers = dict(zip(families, "os^DvP*Xh<>"))
+    for ax, name in zip(axes.flat, profiles):
+        x, fits = cells[prefix + name], cells[f"fits_{name}"].astype(bool)
+        for fam in families:
+            sel = cells["policy"] == fam
+            for fit in (True, False):
+                d = cells[sel & (fits == fit)]
+                if d.empty:
+                    continue
+                ax.errorbar(x[d.index], 100 * d["accuracy_strict"],
+                            yerr=[100 * (d["accuracy_strict"] - d["accuracy_ci_low"]),
+                                  100 * (d["accuracy_ci_high"] - d["accuracy_strict"])],
+                            fmt=markers[fam], color=palette[fam], mfc=palette[fam] if fit else "none", ms=7, capsize=2,
+                            alpha=0.9, label=fam if fit or not (sel & fits).any() else None)
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: {int(fits.sum())}/{len(cells)} cells fit", fontsize=9)
+        ax.set_xlabel("projected decode tokens / s (log)")
+    for ax in axes.flat[len(profiles):]:
+        ax.set_axis_off()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy, strict (%) ± Wilson 95 %")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper", title="hollow = does not fit")
+    model = cells["projected_model"].iloc[0]
+    fig.suptitle(f"Decode tokens/s projected by the cost model on {model}'s shapes (not measured)\n"
+                 f"accuracy measured: {_subtitle(cells)}", fontsize=10)
+    _save(fig, path)

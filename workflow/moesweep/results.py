@@ -2,32 +2,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
 from . import io
+from .costmodel import CostModelSettings, cell_traffic, predict
 from .scoring import mcnemar_exact_p
 
 REFERENCE = ("native", "full")  # (routing_policy, precision_policy) of the reference cell
 SCHEMA_FILE = Path(__file__).with_name("results_schema.yaml")
+PROFILE_SLOT = "<profile>"  # schema columns documented once, repeated per cost-model hardware profile
 
 
-def table_schema(table: str):
-    """The documented Arrow schema of a summary table (results_schema.yaml)."""
+def table_schema(table: str, profiles: Sequence[str] = ()):
+    """The documented Arrow schema of a summary table (results_schema.yaml); a column named with <profile>
+    becomes one column per cost-model profile, in the config's order."""
     import pyarrow as pa
     import yaml
 
     types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
              "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64())}
     columns = yaml.safe_load(SCHEMA_FILE.read_text())[table]
-    return pa.schema([(name, types[spec[0]]) for name, spec in columns.items()])
+    fields = []
+    for name, spec in columns.items():
+        names = [name.replace(PROFILE_SLOT, p) for p in profiles] if PROFILE_SLOT in name else [name]
+        fields += [(n, types[spec[0]]) for n in names]
+    return pa.schema(fields)
 
 
-def _typed(df: pd.DataFrame, table: str):
+def _typed(df: pd.DataFrame, table: str, profiles: Sequence[str] = ()):
     """Exactly the documented columns and types; a column the code forgot to document is an error."""
     import pyarrow as pa
 
-    schema = table_schema(table)
+    schema = table_schema(table, profiles)
     extra = set(df.columns) - set(schema.names)
     if extra:
         raise ValueError(f"{table}: columns {sorted(extra)} are not documented in {SCHEMA_FILE.name}")
@@ -59,6 +67,25 @@ def mcnemar_vs_reference(cells: pd.DataFrame, problems: pd.DataFrame) -> pd.Seri
     return pd.Series(p, index=cells.index, dtype="float64")
 
 
+def add_projections(cells: pd.DataFrame, layers: pd.DataFrame, settings: CostModelSettings) -> pd.DataFrame:
+    """Cost-model columns per cell: traffic per decode step (on the cell's model or the target's shapes) and,
+    per hardware profile, projected decode tokens/s and whether the configuration fits (costmodel.py)."""
+    rows = []
+    by_cell = {c: g.to_dict("records") for c, g in layers.groupby("cell")}
+    for cell in cells.to_dict("records"):
+        t = cell_traffic(cell, by_cell.get(cell["cell"]), settings.target, settings.distinct)
+        row = {"projected_model": t.model, "projected_tokens_per_step": t.tokens_per_step,
+               "projected_dense_bytes_per_step": t.dense_bytes, "projected_expert_bytes_per_step": t.expert_bytes,
+               "projected_kv_bytes_per_step": t.kv_bytes, "projected_host_bytes_per_step": t.host_bytes,
+               "projected_resident_bytes": t.resident_weight_bytes + t.kv_cache_bytes}
+        for name, profile in settings.profiles.items():
+            p = predict(t, profile, settings.overlap_host_link)
+            row[f"projected_tokens_per_s_{name}"] = p.tokens_per_s
+            row[f"fits_{name}"] = p.fits
+        rows.append(row)
+    return pd.concat([cells, pd.DataFrame(rows, index=cells.index)], axis=1)
+
+
 def _rebuild_hint(path: str) -> str:
     cell = Path(path).parent.name
     return f"rebuild that cell: snakemake results/cells/{cell}/cell.json --force"
@@ -73,7 +100,7 @@ def _read_parquet(path: str) -> pd.DataFrame:
 
 def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list[str], out_cells: str,
               out_problems: str, out_layers: str, out_csv: str, trace_files: list[str] = (),
-              out_trace: str | None = None) -> pd.DataFrame:
+              out_trace: str | None = None, cost_model: CostModelSettings | None = None) -> pd.DataFrame:
     cells = pd.DataFrame([io.read_json(p, _rebuild_hint(p)) for p in cell_jsons])
     problems = pd.concat([_read_parquet(p) for p in problem_files], ignore_index=True)
     layers = pd.concat([_read_parquet(p) for p in layer_files], ignore_index=True)
@@ -83,7 +110,10 @@ def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list
     cells["memory_budget"] = cells["memory_budget"].astype("float64")
     cells["pareto"] = pareto_mask(cells["accuracy_strict"], cells["tokens_per_s"])
     cells["p_vs_reference"] = mcnemar_vs_reference(cells, problems)
-    io.write_parquet(out_cells, _typed(cells, "cells"))
+    profiles = list(cost_model.profiles) if cost_model else []
+    if cost_model:
+        cells = add_projections(cells, layers, cost_model)
+    io.write_parquet(out_cells, _typed(cells, "cells", profiles))
     io.write_parquet(out_problems, _typed(problems, "problems"))
     io.write_parquet(out_layers, _typed(layers, "layers"))
     io.write_text(out_csv, cells.to_csv(index=False))

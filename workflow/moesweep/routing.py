@@ -39,6 +39,12 @@ class LayerRoutingStats:
     dropped: int = 0  # of those, dropped by capacity
     hot_hits: int = 0  # kept assignments to experts currently at high precision
     load: torch.Tensor = field(default=None)  # kept assignments per expert
+    # Decode traffic (forward calls the engine marks context.phase == "decode"): what the cost model reads.
+    decode_calls: int = 0
+    decode_tokens: int = 0  # valid tokens in decode calls
+    decode_kept: int = 0  # kept assignments in decode calls
+    distinct_experts_decode: int = 0  # Σ over decode calls of distinct experts with ≥ 1 kept assignment
+    distinct_high_decode: int = 0  # of those, experts at high precision (hot mask) during that call
 
     def __post_init__(self):
         if self.load is None:
@@ -96,6 +102,15 @@ def _capacity_keep(idx, probs_sel, keep, cap, priority: str, num_experts: int) -
     return new_keep.view(T, k)
 
 
+def policy_k(policy: Routing, native_k: int) -> int:
+    """Experts per token the policy selects before dropping: k′ for `topk` (≤ the checkpoint's k), else k."""
+    if policy.policy != "topk":
+        return native_k
+    if policy.top_k > native_k:
+        raise ValueError(f"top_k={policy.top_k} exceeds the checkpoint's k={native_k}")
+    return policy.top_k
+
+
 def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool,
           valid: torch.Tensor | None = None, skip_beta: float | None = None):
     """Apply a routing policy to router probabilities [T, E] (float32).
@@ -104,12 +119,7 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
     keep_before_capacity [T, k′] bool, keep [T, k′] bool).
     """
     T, E = probs.shape
-    if policy.policy == "topk":
-        if policy.top_k > native_k:
-            raise ValueError(f"top_k={policy.top_k} exceeds the checkpoint's k={native_k}")
-        k = policy.top_k
-    else:
-        k = native_k
+    k = policy_k(policy, native_k)
     renorm = native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
 
     weights, index = torch.topk(probs, k, dim=-1)
@@ -121,7 +131,7 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
     elif policy.policy == "top_p":
         mass_before = weights.cumsum(-1) - weights  # keep j while the mass of the experts ranked above it < p
         keep = mass_before < policy.top_p
-        keep[:, 0] = True
+        keep[:, 0].fill_(True)  # fill_, not setitem: no host scalar copy (graph capture)
     if valid is not None:
         keep &= valid[:, None]
 
@@ -145,6 +155,10 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
 class PolicyRouter(nn.Module):
     """Drop-in replacement for a model's top-k router module; same weight, same (logits, weights, index) output."""
 
+    # dtype of the returned weights; None = the router logits' dtype (Qwen's routers cast to it; Mixtral's
+    # keeps float32, so its adapter sets float32 here to stay bit-identical in bfloat16 too).
+    weights_dtype: torch.dtype | None = None
+
     def __init__(self, weight: nn.Parameter, native_k: int, native_norm: bool, layer: int,
                  policy: Routing, context: RoutingContext, skip_beta: float | None = None):
         super().__init__()
@@ -160,15 +174,19 @@ class PolicyRouter(nn.Module):
         valid = self.context.valid
         if valid is not None and valid.shape[0] != probs.shape[0]:
             raise RuntimeError(f"routing context has {valid.shape[0]} valid flags for {probs.shape[0]} tokens")
-        index, weights, keep_policy, keep = route(probs, self.policy, self.native_k, self.native_norm,
-                                                  valid, self.skip_beta)
+        index, weights, keep_policy, keep = self.select(router_logits, probs, valid)
         if self.context.record:
             self._account(index, keep_policy, keep, valid, probs.shape[0])
         if self.context.observers:
             selected = probs.gather(1, index.clamp_max(self.num_experts - 1))
             for obs in self.context.observers:
                 obs.observe(self.layer, index, selected, keep)
-        return router_logits, weights.to(router_logits.dtype), index
+        return router_logits, weights.to(self.weights_dtype or router_logits.dtype), index
+
+    def select(self, router_logits, probs, valid):
+        """The policy's (index, weights, keep_before_capacity, keep) for this call; a family whose router is not
+        softmax-top-k overrides this (moesweep.sparsemixer)."""
+        return route(probs, self.policy, self.native_k, self.native_norm, valid, self.skip_beta)
 
     @torch.no_grad()
     def _account(self, index, keep_policy, keep, valid, T):
@@ -177,10 +195,23 @@ class PolicyRouter(nn.Module):
         stats.routed += int(keep_policy.sum())
         stats.dropped += int((keep_policy & ~keep).sum())
         kept_experts = index[keep]
-        stats.load += torch.bincount(kept_experts, minlength=self.num_experts).cpu()
+        counts = torch.bincount(kept_experts, minlength=self.num_experts)
+        stats.load += counts.cpu()
         hot = self.context.hot_masks.get(self.layer)  # live view: dynamic precision updates it in place
         if hot is not None:
             stats.hot_hits += int(hot[kept_experts].sum())
+        phase = getattr(self.context, "phase", None)  # None outside the engine (calibration, profiling, tests)
+        if phase not in (None, "prefill", "decode"):
+            raise ValueError(f"routing context phase {phase!r}; allowed: 'prefill', 'decode' or None")
+        if phase == "decode":
+            # an expert is read once per call however many tokens it serves: distinct experts = weight traffic
+            hit = counts > 0
+            stats.decode_calls += 1
+            stats.decode_tokens += int(valid.sum()) if valid is not None else T
+            stats.decode_kept += int(counts.sum())
+            stats.distinct_experts_decode += int(hit.sum())
+            if hot is not None:
+                stats.distinct_high_decode += int((hit & hot.to(hit.device)).sum())
 
 
 def sparse_experts_forward(self, hidden_states, top_k_index, top_k_weights):

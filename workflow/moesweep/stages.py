@@ -1,4 +1,4 @@
-"""Stage entry points called by the workflow scripts: calibrate, quantize, profile.
+"""Stage entry points called by the workflow scripts: calibrate, quantize (or both fused), profile.
 
 Each takes plain config sections and paths, does one stage's work through the library, and writes its
 artefacts atomically with metadata naming the model and the config hash that produced them.
@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from . import io
-from .calibrate import collect_calibration, profile_hotness
-from .data.sources import load_split, training_text
+from .calibrate import collect_calibration_layerwise, profile_hotness
+from .data.sources import CALIBRATION_FORMATS, SYNTHETIC, load_split, text_chunks, training_text
 from .grid import config_hash
 from .model import load_model, model_fingerprint
 
@@ -26,51 +26,154 @@ def _load(model_cfg: dict, device: str = "cpu"):
                       model_cfg.get("trust_remote_code", False))
 
 
-def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: int, out_hessians: str,
-                    out_heldout: str, out_stats: str, progress=None) -> None:
-    torch.manual_seed(seed)
+def _device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return name
+
+
+def _skeleton(model_cfg: dict):
+    from .layerwise import skeleton
+
+    return skeleton(model_cfg["id"], model_cfg.get("dtype", "float32"), model_cfg.get("revision"),
+                    model_cfg.get("trust_remote_code", False))
+
+
+def _tokenizer(model_cfg: dict):
+    from transformers import AutoTokenizer
+
+    from .model import ModelError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_cfg["id"], revision=model_cfg.get("revision"),
+                                            trust_remote_code=model_cfg.get("trust_remote_code", False))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.id {model_cfg['id']!r}: tokenizer missing or unreadable ({err})") from None
+    tok.padding_side = "left"  # as model.load_model: the calibration batches must be the same
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer) -> list:
+    """n_samples + n_heldout samples: problem texts (strings) or, with calibration.format: text, token-id
+    chunks of exactly max_length tokens. Bad data fails here, before any weight is read."""
     n, n_ho = calib_cfg["n_samples"], calib_cfg["n_heldout"]
+    fmt = calib_cfg.get("format", "problems")
+    if fmt not in CALIBRATION_FORMATS:
+        raise ValueError(f"calibration.format must be one of {', '.join(CALIBRATION_FORMATS)}, got {fmt!r}")
+    if fmt == "text":
+        source = calib_cfg.get("source")
+        if not source or source == SYNTHETIC:
+            raise ValueError("calibration.format 'text' needs calibration.source: a hub id or a local "
+                             ".txt/.jsonl/.json/.parquet file (the synthetic source has no plain text)")
+        return text_chunks(source, calib_cfg.get("config_name"), calib_cfg.get("split", "train"),
+                           calib_cfg.get("text_field", "text"), tokenizer, n + n_ho, calib_cfg["max_length"], seed)
     source = {**dataset_cfg, "source": calib_cfg.get("source") or dataset_cfg["source"],
               "config_name": calib_cfg.get("config_name") or dataset_cfg.get("config_name", "main")}
-    # bad data fails here, before the model loads
     problems = load_split(source, calib_cfg.get("split", "train"), n + n_ho, seed, "calibration")
-    model, tokenizer, adapter = _load(model_cfg)
-    texts = [training_text(p) for p in problems]
-    meta = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
-            "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed), **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
-    results = {}
-    for part, sub, out in (("calibration", texts[:n], out_hessians), ("heldout", texts[n:], out_heldout)):
-        res = results[part] = collect_calibration(model, tokenizer, adapter, sub, calib_cfg["max_length"],
-                                  calib_cfg.get("batch_size", 8), progress=progress,
-                                  expert_inputs=calib_cfg.get("expert_inputs", "routed"))
+    return [training_text(p) for p in problems]
+
+
+def _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed) -> dict:
+    return {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
+            "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed),
+            **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
+
+
+def _layerwise_runners(model_cfg, calib_cfg, samples, device):
+    """(skeleton adapter, {"calibration": LayerwiseModel, "heldout": LayerwiseModel}) sharing one skeleton."""
+    from .calibrate import _batches
+    from .layerwise import LayerwiseModel
+
+    tokenizer = _tokenizer(model_cfg)
+    ckpt, model, adapter, dtype = _skeleton(model_cfg)
+    n = calib_cfg["n_samples"]
+    bs, max_length = calib_cfg.get("batch_size", 8), calib_cfg["max_length"]
+    runners = {part: LayerwiseModel(ckpt, model, adapter, dtype, _batches(tokenizer, sub, max_length, bs, "cpu"), device)
+               for part, sub in (("calibration", samples[:n]), ("heldout", samples[n:]))}
+    return ckpt, adapter, dtype, runners
+
+
+def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: int, out_hessians: str,
+                    out_heldout: str, out_stats: str, progress=None) -> None:
+    """Per-expert Hessians of the calibration and held-out sets, layer by layer (layerwise.py): the model is
+    never loaded whole; the Hessians of all layers are kept until written (for Qwen3-30B-A3B that is
+    2 x 118 GB: use quantization.fused there, which never stores them)."""
+    torch.manual_seed(seed)
+    samples = calibration_samples(dataset_cfg, calib_cfg, seed, _tokenizer(model_cfg))
+    device = _device(calib_cfg.get("device", "cpu"))
+    _, adapter, _, runners = _layerwise_runners(model_cfg, calib_cfg, samples, device)
+    results = collect_calibration_layerwise(runners, adapter, calib_cfg.get("expert_inputs", "routed"),
+                                            progress=progress)
+    meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
+    n = calib_cfg["n_samples"]
+    for part, out, count in (("calibration", out_hessians, n), ("heldout", out_heldout, len(samples) - n)):
+        res = results[part]
         log.info("%s: %d tokens through %d layers", part, res.tokens, len(res.token_counts))
         tensors = {f"hessian.{k}": v for k, v in res.hessians.items()}
         tensors.update({f"tokens.{k}": v for k, v in res.token_counts.items()})
-        io.save_safetensors(out, tensors, {**meta, "part": part, "tokens": str(res.tokens), "samples": str(len(sub))})
-    cal = results["calibration"]
-    io.write_json(out_stats, {"skip_beta": {str(k): v for k, v in cal.skip_beta.items()}, "tokens": cal.tokens,
-                              "samples": n, "config_hash": meta["config_hash"]})
+        io.save_safetensors(out, tensors, {**meta, "part": part, "tokens": str(res.tokens), "samples": str(count)})
+    _write_stats(out_stats, results["calibration"], n, meta["config_hash"])
+
+
+def _write_stats(path, cal, n, chash):
+    io.write_json(path, {"skip_beta": {str(k): v for k, v in sorted(cal.skip_beta.items())}, "tokens": cal.tokens,
+                         "samples": n, "config_hash": chash})
+
+
+class CalibrationReader:
+    """Lazy reader of a calibration file: metadata checked on opening, each layer's tensors read on demand
+    (so the quantize stage holds one layer's Hessians, not the file)."""
+
+    def __init__(self, path: str, model_id: str):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                self.meta = f.metadata() or {}
+                self.keys = set(f.keys())
+        except Exception as err:  # safetensors raises several types for truncated / garbage files
+            raise io.ArtefactError(f"{path}: unreadable calibration file ({err}); rerun the calibrate stage "
+                                   f"(snakemake --forcerun calibrate)") from None
+        if self.meta.get("format") != CALIBRATION_FORMAT or self.meta.get("format_version") != CALIBRATION_VERSION:
+            raise io.ArtefactError(f"{path}: not a moesweep calibration file of format version "
+                                   f"{CALIBRATION_VERSION}; rerun the calibrate stage")
+        if self.meta.get("model_id") != str(model_id):
+            raise io.ArtefactError(f"{path}: made for model {self.meta.get('model_id')!r}, not {model_id!r}; "
+                                   f"rerun the calibrate stage")
+
+    def _get(self, names: list[str]) -> list[torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.keys]
+        if missing:
+            raise io.ArtefactError(f"{self.path}: no tensor {missing[0]!r} (calibrated for another model?); "
+                                   f"rerun the calibrate stage")
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                return [f.get_tensor(n) for n in names]
+        except Exception as err:
+            raise io.ArtefactError(f"{self.path}: unreadable calibration file ({err}); rerun the calibrate stage "
+                                   f"(snakemake --forcerun calibrate)") from None
+
+    def layer(self, index: int, projections) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({proj: Hessian [E, d, d]}, token counts [E]) of one layer."""
+        *hess, counts = self._get([f"hessian.layers.{index}.{p}" for p in projections] + [f"tokens.layers.{index}"])
+        return dict(zip(projections, hess)), counts
 
 
 def read_calibration(path: str, model_id: str) -> tuple[dict, dict, dict]:
     """(hessians by 'layers.i.proj', token counts by 'layers.i', metadata); refuses another model's file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises several types for truncated / garbage files
-        raise io.ArtefactError(f"{path}: unreadable calibration file ({err}); rerun the calibrate stage "
-                               f"(snakemake --forcerun calibrate)") from None
-    if meta.get("format") != CALIBRATION_FORMAT or meta.get("format_version") != CALIBRATION_VERSION:
-        raise io.ArtefactError(f"{path}: not a moesweep calibration file of format version {CALIBRATION_VERSION}; "
-                               f"rerun the calibrate stage")
-    if meta.get("model_id") != str(model_id):
-        raise io.ArtefactError(f"{path}: made for model {meta.get('model_id')!r}, not {model_id!r}; rerun the calibrate stage")
+    reader = CalibrationReader(path, model_id)
+    names = sorted(reader.keys)
+    tensors = dict(zip(names, reader._get(names)))
     hess = {k[len("hessian."):]: v for k, v in tensors.items() if k.startswith("hessian.")}
     counts = {k[len("tokens."):]: v for k, v in tensors.items() if k.startswith("tokens.")}
-    return hess, counts, meta
+    return hess, counts, reader.meta
 
 
 def _relative_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -80,35 +183,139 @@ def _relative_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Te
     return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().float()
 
 
+def _spec(quant_cfg: dict, bits: int, method: str):
+    from .quant import QuantSpec
+
+    return QuantSpec(bits=bits, group_size=quant_cfg["group_size"], symmetric=quant_cfg.get("symmetric", False),
+                     method=method, damp=quant_cfg.get("damp", 0.01), min_tokens=quant_cfg.get("min_tokens", 0))
+
+
+def _error_rows(layer: int, name: str, weight, q, counts, counts_ho, hess_ho) -> list[dict]:
+    """Rows of the error table for one projection; the error is computed where the weight lies."""
+    from .quant import dequantize, expert_nbytes
+
+    err = _relative_error(dequantize(q).to(weight.device) - weight, weight, hess_ho.to(weight.device)).cpu()
+    nbytes = expert_nbytes(q)
+    spec = q.spec
+    return [{"layer": layer, "expert": e, "projection": name, "method": spec.method, "bits": spec.bits,
+             "group_size": spec.group_size, "relative_error": float(err[e]),
+             "calibration_tokens": int(counts[e]), "heldout_tokens": int(counts_ho[e]),
+             "fallback": bool(q.fallback[e]), "bytes": int(nbytes[e])} for e in range(weight.shape[0])]
+
+
+EXPERT_CHUNK = 16  # experts quantized together: bounds the float32 temporaries at real shapes (a whole
+# Qwen3-30B-A3B gate_up_proj [128, 1536, 2048] needs ~10 GB of them for RTN alone); every method treats
+# experts independently, so the chunking does not change a number.
+
+
+def _quantize_projection(layer: int, name: str, weight, hessian, counts, counts_ho, hess_ho, specs):
+    """[(QuantizedExperts, error rows)] per spec for one projection, EXPERT_CHUNK experts at a time."""
+    from .quant import QuantizedExperts, quantize_all_widths
+
+    gptq = specs[0].method == "gptq"
+    parts = [[] for _ in specs]
+    E = weight.shape[0]
+    for e0 in range(0, E, EXPERT_CHUNK):
+        sl = slice(e0, min(e0 + EXPERT_CHUNK, E))
+        qs = quantize_all_widths(weight[sl], hessian[sl] if gptq else None, counts[sl] if gptq else None, specs)
+        for i, q in enumerate(qs):
+            rows = _error_rows(layer, name, weight[sl], q, counts[sl], counts_ho[sl], hess_ho[sl])
+            for r in rows:
+                r["expert"] += e0
+            parts[i].append((q, rows))
+    out = []
+    for spec, chunks in zip(specs, parts):
+        qs = [q for q, _ in chunks]
+        zeros = torch.cat([q.zeros for q in qs]) if qs[0].zeros.numel() else qs[0].zeros
+        merged = QuantizedExperts(torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]), zeros,
+                                  tuple(weight.shape), spec, torch.cat([q.fallback for q in qs]))
+        out.append((merged, [r for _, rows in chunks for r in rows]))
+    return out
+
+
+def _expert_shapes(adapter, model) -> dict[str, tuple[int, int, int]]:
+    return {f"layers.{l.index}.{name}": tuple(getattr(l.experts, name).shape)
+            for l in adapter.layers() for name in adapter.projections}
+
+
 def quantize_stage(model_cfg: dict, quant_cfg: dict, bits: int, method: str, hessians_path: str,
                    heldout_path: str, out_weights: str, out_error: str) -> None:
-    from .quant import QuantSpec, dequantize, expert_nbytes, quantize_experts, save_quantized
+    """One width of every expert, layer by layer: each layer's expert weights are read from the checkpoint's
+    shards and its Hessians from the calibration files when it is quantized, and its packed result is
+    written straight into the output file (QuantizedWriter), so memory holds one layer, never the model."""
+    from .quant import QuantizedWriter
 
-    model, _, adapter = _load(model_cfg)
-    hess, counts, cal_meta = read_calibration(hessians_path, model_cfg["id"])
-    hess_ho, counts_ho, _ = read_calibration(heldout_path, model_cfg["id"])
-    spec = QuantSpec(bits=bits, group_size=quant_cfg["group_size"], symmetric=quant_cfg.get("symmetric", False),
-                     method=method, damp=quant_cfg.get("damp", 0.01), min_tokens=quant_cfg.get("min_tokens", 0))
-    quantized, rows = {}, []
-    for layer in adapter.layers():  # one layer at a time: peak memory = one layer's experts + Hessians
-        for name in adapter.projections:
-            key = f"layers.{layer.index}.{name}"
-            weight = getattr(layer.experts, name).detach().float()
-            q = quantize_experts(weight, hess[key], counts[f"layers.{layer.index}"], spec)
-            quantized[key] = q
-            err = _relative_error(dequantize(q) - weight, weight, hess_ho[key])
-            nbytes = expert_nbytes(q)
-            for e in range(weight.shape[0]):
-                rows.append({"layer": layer.index, "expert": e, "projection": name, "method": method, "bits": bits,
-                             "group_size": spec.group_size, "relative_error": float(err[e]),
-                             "calibration_tokens": int(counts[f"layers.{layer.index}"][e]),
-                             "heldout_tokens": int(counts_ho[f"layers.{layer.index}"][e]),
-                             "fallback": bool(q.fallback[e]), "bytes": int(nbytes[e])})
-        log.info("layer %d quantized to %d bits", layer.index, bits)
-    meta = {"model_id": str(model_cfg["id"]), "calibration_config_hash": cal_meta.get("config_hash", ""),
+    spec = _spec(quant_cfg, bits, method)
+    device = _device(quant_cfg.get("device", "cpu"))
+    cal = CalibrationReader(hessians_path, model_cfg["id"])
+    held = CalibrationReader(heldout_path, model_cfg["id"])
+    ckpt, model, adapter, dtype = _skeleton(model_cfg)
+    meta = {"model_id": str(model_cfg["id"]), "calibration_config_hash": cal.meta.get("config_hash", ""),
             "config_hash": config_hash(model_cfg, quant_cfg, bits, method)}
-    save_quantized(out_weights, quantized, meta)
+    rows = []
+    with QuantizedWriter(out_weights, spec, _expert_shapes(adapter, model), meta) as writer:
+        for layer in adapter.layers():
+            # Cast to the model dtype first, as the whole-model path's from_pretrained(dtype=...) did.
+            weights = {k: v.to(device).float() for k, v in ckpt.experts(layer.index, dtype).items()}
+            hess, counts = cal.layer(layer.index, adapter.projections)
+            hess_ho, counts_ho = held.layer(layer.index, adapter.projections)
+            for name in adapter.projections:
+                ((q, err_rows),) = _quantize_projection(layer.index, name, weights[name], hess[name], counts,
+                                                        counts_ho, hess_ho[name], [spec])
+                rows += err_rows
+                writer.add(f"layers.{layer.index}.{name}", q)
+            log.info("layer %d quantized to %d bits", layer.index, bits)
     io.write_parquet(out_error, pd.DataFrame(rows))
+
+
+def fused_quantize_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, quant_cfg: dict, seed: int,
+                         widths: list[int], method: str, out_weights: dict, out_errors: dict, out_stats: str,
+                         progress=None) -> None:
+    """Calibrate and quantize in one layer-by-layer pass, for models whose Hessians are too large to store.
+
+    For each decoder layer: load it, run the calibration and held-out hidden states through it, finish its
+    expert Hessians, quantize its experts at every width (GPTQ widths share one Hessian factorisation),
+    measure the held-out error, write the packed experts into each width's file, free the layer. Outputs
+    equal the calibrate + quantize stages' (same numbers, tested); no Hessian file is written.
+    `out_weights` / `out_errors` map each width to its path.
+    """
+    from .quant import QuantizedWriter
+
+    torch.manual_seed(seed)
+    samples = calibration_samples(dataset_cfg, calib_cfg, seed, _tokenizer(model_cfg))
+    device = _device(quant_cfg.get("device", calib_cfg.get("device", "cpu")))
+    specs = [_spec(quant_cfg, b, method) for b in widths]
+    ckpt, adapter, dtype, runners = _layerwise_runners(model_cfg, calib_cfg, samples, device)
+    cal_meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
+    shapes = _expert_shapes(adapter, adapter.model)
+    writers = {s.bits: QuantizedWriter(out_weights[s.bits], s, shapes, {
+        "model_id": str(model_cfg["id"]), "calibration_config_hash": cal_meta["config_hash"],
+        "config_hash": config_hash(model_cfg, quant_cfg, s.bits, method)}) for s in specs}
+    rows = {s.bits: [] for s in specs}
+
+    def on_layer(moe, hess, counts):
+        for name in adapter.projections:
+            weight = getattr(moe.experts, name).detach().float()
+            key = f"layers.{moe.index}.{name}"
+            for q, err_rows in _quantize_projection(moe.index, name, weight, hess["calibration"][key],
+                                                    counts["calibration"], counts["heldout"],
+                                                    hess["heldout"][key], specs):
+                rows[q.spec.bits] += err_rows
+                writers[q.spec.bits].add(key, q)
+        log.info("layer %d: calibrated and quantized to %s bits", moe.index, ", ".join(map(str, widths)))
+
+    try:
+        results = collect_calibration_layerwise(runners, adapter, calib_cfg.get("expert_inputs", "routed"),
+                                                on_layer=on_layer, progress=progress, keep=False)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.close()
+    for bits, path in out_errors.items():
+        io.write_parquet(path, pd.DataFrame(rows[bits]))
+    _write_stats(out_stats, results["calibration"], calib_cfg["n_samples"], cal_meta["config_hash"])
 
 
 def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: int, out: str) -> None:

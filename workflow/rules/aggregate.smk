@@ -1,3 +1,13 @@
+def cost_model_inputs():
+    """The hardware profiles file and the projection target's config.json: editing either re-aggregates."""
+    if not COST_MODEL:
+        return {}
+    target = config["cost_model"].get("target_model")
+    if target and Path(target).is_dir():
+        target = str(Path(target) / "config.json")
+    return {"hardware": HARDWARE_FILE, **({"target_model": target} if target else {})}
+
+
 rule aggregate:
     """All cells into the summary tables (Parquet + a wide CSV), with Pareto flags and McNemar p-values."""
     input:
@@ -5,6 +15,9 @@ rule aggregate:
         problems=cell_outputs("problems.parquet"),
         layers=cell_outputs("layers.parquet"),
         traces=cell_outputs("trace.parquet"),
+        **cost_model_inputs(),
+    params:
+        cost_model=config.get("cost_model"),
     output:
         cells=report("results/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
         problems="results/summary/problems.parquet",
@@ -36,3 +49,17 @@ rule plot_trade_off:
         "benchmarks/rules/plot_trade_off.tsv"
     script:
         "../scripts/plot_trade_off.py"
+
+
+rule plot_projection:
+    """Accuracy vs cost-model projected decode tokens/s per hardware profile (cost_model in the config)."""
+    input:
+        cells="results/summary/cells.parquet",
+    output:
+        report("results/figures/projection.png", caption="../report/projection.rst", category="Trade-off"),
+    log:
+        "logs/plot_projection.log",
+    benchmark:
+        "benchmarks/rules/plot_projection.tsv"
+    script:
+        "../scripts/plot_projection.py"

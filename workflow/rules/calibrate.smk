@@ -1,23 +1,27 @@
-rule calibrate:
-    """Per-expert input Hessians (for GPTQ) and routing statistics from teacher-forced train problems."""
-    input:
-        model=model_files(),
-    output:
-        hessians="results/calibration/hessians.safetensors",
-        heldout="results/calibration/heldout_hessians.safetensors",
-        stats="results/calibration/routing_stats.json",
-    params:
-        model=config["model"],
-        dataset=config["dataset"],
-        calibration=config["calibration"],
-        seed=config["seed"],
-    log:
-        "logs/calibrate.log",
-    benchmark:
-        "benchmarks/rules/calibrate.tsv"
-    threads: config["evaluate"].get("threads", 1)
-    resources:
-        mem_mb=8000,
-        runtime=120,
-    script:
-        "../scripts/calibrate.py"
+# With quantization.fused the quantize rule calibrates itself, layer by layer, and no Hessian file exists
+# (for Qwen3-30B-A3B they would be 2 x 118 GB); see quantize.smk.
+if not config["quantization"].get("fused", False):
+
+    rule calibrate:
+        """Per-expert input Hessians (for GPTQ) and routing statistics from teacher-forced train problems."""
+        input:
+            model=model_files(),
+        output:
+            hessians="results/calibration/hessians.safetensors",
+            heldout="results/calibration/heldout_hessians.safetensors",
+            stats="results/calibration/routing_stats.json",
+        params:
+            model=config["model"],
+            dataset=config["dataset"],
+            calibration=config["calibration"],
+            seed=config["seed"],
+        log:
+            "logs/calibrate.log",
+        benchmark:
+            "benchmarks/rules/calibrate.tsv"
+        threads: config["evaluate"].get("threads", 1)
+        resources:
+            mem_mb=8000,
+            runtime=120,
+        script:
+            "../scripts/calibrate.py"

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from moesweep.checks import ConfigError, check_config  # noqa: E402
 from moesweep.grid import GridError, expand_grid  # noqa: E402
+from moesweep.costmodel import CostModelError, load_cost_model  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -20,6 +21,12 @@ try:
 except (GridError, ConfigError) as err:
     raise WorkflowError(f"invalid config: {err}")
 CELL_BY_ID = {c.id: c for c in CELLS}
+# Cost model: shipped hardware profiles + the config's extra ones, checked now so a bad profile stops the DAG.
+HARDWARE_FILE = str(Path(workflow.basedir) / "config" / "hardware.yaml")
+try:
+    COST_MODEL = load_cost_model(config["cost_model"], HARDWARE_FILE) if config.get("cost_model") else None
+except CostModelError as err:
+    raise WorkflowError(f"invalid config: {err}")
 METHOD = config["quantization"]["method"]
 # Widths the quantize stage produces: those listed in the config and those any cell needs.
 WIDTHS = sorted(set(config["quantization"]["bits"]) | {b for c in CELLS for b in c.precision.widths})
@@ -28,7 +35,7 @@ WIDTHS = sorted(set(config["quantization"]["bits"]) | {b for c in CELLS for b in
 wildcard_constraints:
     cell="|".join(map(re.escape, CELL_BY_ID)) if CELL_BY_ID else "NONE",
     bits="2|3|4|8",
-    method="gptq|rtn",
+    method="gptq|rtn|hqq",
 
 
 def model_files():
@@ -79,4 +86,5 @@ def all_outputs():
         "results/summary/trace.parquet",
         "results/figures/hotness.png",
         "results/figures/quant_error.png",
+        *(["results/figures/projection.png"] if COST_MODEL else []),
     ]

@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..engine import Completion, GenerationTiming, _finish
+from ..engine import Completion, GenerationTiming, _finish, length_sorted_batches
 from ..grid import Routing
-from ..routing import LayerRoutingStats, route
+from ..routing import LayerRoutingStats, policy_k, route
 from .kernels import align_assignments
 from .moe import FastMoeExperts
 
@@ -129,7 +129,7 @@ class FastQwen3MoeEngine:
             self.experts[l.index] = FastMoeExperts(l.experts, widths[l.index], per_bits)
         self.hot = {i: m.to(self.device) for i, m in (hot_masks or {}).items()}
         self.stats = DeviceRoutingStats([l.index for l in self.layers], self.num_experts, self.device)
-        self._k = routing.top_k if routing.policy == "topk" else self.top_k  # assignments per token
+        self._k = policy_k(routing, self.top_k)  # assignments per token
         self._eps = cfg.rms_norm_eps
         self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._scaling = self._head_dim ** -0.5
@@ -247,14 +247,11 @@ class FastQwen3MoeEngine:
                  stop: tuple[str, ...] = (), stop_checks: bool = True, progress=None):
         """Same contract as engine.generate_greedy. stop_checks=False: exactly max_new_tokens each, no EOS/stop."""
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None and stop_checks else -1
-        lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        lengths, batches = length_sorted_batches(tokenizer, prompts, batch_size)
         self._ensure_cache(min(batch_size, len(prompts)), max(lengths) + max_new_tokens)
         timing = GenerationTiming()
         completions: dict[int, Completion] = {}
-        starts = range(0, len(order), batch_size)
-        for b in (progress(starts, desc="batches") if progress else starts):
-            batch = order[b:b + batch_size]
+        for batch in (progress(batches, desc="batches") if progress else batches):
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             self._generate_batch(batch, enc.input_ids.to(self.device), enc.attention_mask.to(self.device),
                                  tokenizer, max_new_tokens, stop, stop_checks, timing, completions)

@@ -1,4 +1,4 @@
-"""Weight-only integer quantization of fused Qwen3-MoE expert tensors (GPTQ or round-to-nearest).
+"""Weight-only integer quantization of fused Qwen3-MoE expert tensors (GPTQ, round-to-nearest or HQQ).
 
 Why llm-compressor: GPTQ is taken from llm-compressor's low-level, batched `quantize_weight`
 (maintained by the vLLM project). auto-gptq is archived and cannot even be imported on transformers 5
@@ -14,6 +14,16 @@ Scales are rounded to float16 *before* quantizing (QuantizationArgs.scale_dtype)
 float16 is exact and dequantize() reproduces the quantizer's output bit for bit.
 Groups run along the input dimension; when in % group_size != 0 the last group is shorter (its min/max
 come from fewer columns), which the embedded model needs (hidden 192 with groups of 128).
+
+HQQ (method "hqq", calibration-free, from the maintained `hqq` library, Half-Quadratic Quantization) uses
+hqq's own `Quantizer.quantize(optimize=True, axis=1)` per expert and projection, as hqq quantizes one
+nn.Linear: codes u in [0, 2**b) and per-group float scale s and float zero point z with W_hat = (u - z) * s,
+the same formula as above, except that z is not an integer. It is stored as float16 (`zeros` float16
+instead of uint8), and s as float16, exactly what hqq's HQQLinear keeps with compute_dtype=float16; the
+codes are hqq's, computed with its float32 scale and zero. dequantize() therefore equals hqq's own
+Quantizer.dequantize given those float16 meta values (tested). HQQ needs in % group_size == 0 (hqq groups
+consecutive elements of the flattened weight, so a ragged group would straddle two rows) and has no
+symmetric variant.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 GPTQ_BLOCKSIZE = 128  # llm-compressor's default lazy-batch width
+METHODS = ("gptq", "rtn", "hqq")
 
 
 @dataclass(frozen=True)
@@ -35,15 +46,18 @@ class QuantSpec:
     bits: int  # 2, 3, 4 or 8
     group_size: int  # input columns per scale group; -1 or 0 = one group per output channel
     symmetric: bool = False
-    method: str = "gptq"  # "gptq" | "rtn"
+    method: str = "gptq"  # "gptq" | "rtn" | "hqq"
     damp: float = 0.01  # GPTQ dampening: fraction of the mean Hessian diagonal added to the diagonal
     min_tokens: int = 0  # GPTQ experts with fewer calibration tokens (and always 0 tokens) fall back to RTN
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"method must be 'gptq' or 'rtn', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "hqq" and self.symmetric:
+            raise ValueError("method 'hqq' has a float zero point per group; it has no symmetric variant "
+                             "(set quantization.symmetric: false)")
         if self.group_size < -1:
             raise ValueError(f"group_size must be > 0, or -1/0 for per channel, got {self.group_size}")
 
@@ -71,7 +85,7 @@ class QuantizedExperts:
     """One projection of one layer, all experts. See the module docstring for the number layout."""
     codes: torch.Tensor  # uint8 [E, out, ceil(in*bits/8)], each row a packed bit stream (packing.py)
     scales: torch.Tensor  # float16 [E, out, n_groups]
-    zeros: torch.Tensor  # uint8 [E, out, n_groups] unsigned zero points; shape [0] when symmetric
+    zeros: torch.Tensor  # uint8 [E, out, n_groups] unsigned zero points (float16 for hqq); shape [0] when symmetric
     shape: tuple[int, int, int]  # (E, out, in)
     spec: QuantSpec
     fallback: torch.Tensor = field(default=None)  # bool [E]: quantized by RTN although method == "gptq"
@@ -124,7 +138,7 @@ def _gptq_subset(weight, hessian, counts, active, scale, zero, spec):
 
 
 def _fallback_mask(hessian, token_counts, spec, E) -> torch.Tensor:
-    if spec.method == "rtn":
+    if spec.method in ("rtn", "hqq"):
         return torch.zeros(E, dtype=torch.bool)
     if hessian is None or token_counts is None:
         raise ValueError("method 'gptq' needs the per-expert Hessians and token counts")
@@ -171,6 +185,8 @@ def quantize_experts(weight: torch.Tensor, hessian: torch.Tensor | None, token_c
     """
     if weight.ndim != 3:
         raise ValueError(f"expected fused expert weights [E, out, in], got {tuple(weight.shape)}")
+    if spec.method == "hqq":
+        return quantize_experts_hqq(weight, spec)
     E, out, n_in = weight.shape
     fallback = _fallback_mask(hessian, token_counts, spec, E)
     scale, zero = _grid(weight, spec)
@@ -216,6 +232,15 @@ def quantize_experts_widths(weight: torch.Tensor, hessian: torch.Tensor, token_c
     return results
 
 
+def quantize_all_widths(weight: torch.Tensor, hessian: torch.Tensor | None, token_counts: torch.Tensor | None,
+                        specs: list[QuantSpec]) -> list[QuantizedExperts]:
+    """Every spec of one projection; GPTQ specs share one Hessian factorisation (quantize_experts_widths),
+    RTN and HQQ need no Hessian."""
+    if specs and all(s.method == "gptq" for s in specs):
+        return quantize_experts_widths(weight, hessian, token_counts, specs)
+    return [quantize_experts(weight, hessian, token_counts, s) for s in specs]
+
+
 def _gptq_loop(W, h_inv, scale, zero, spec, blocksize=GPTQ_BLOCKSIZE):
     """The block loop of llm-compressor's quantize_weight (no actorder), given the factorised Hessian."""
     n_in = W.shape[-1]
@@ -232,8 +257,45 @@ def _gptq_loop(W, h_inv, scale, zero, spec, blocksize=GPTQ_BLOCKSIZE):
     return W
 
 
+def hqq_group_size(spec: QuantSpec, n_in: int) -> int:
+    gs = spec.columns_per_group(n_in)
+    if n_in % gs:
+        raise ValueError(f"method 'hqq' needs the input width {n_in} to be a multiple of group_size {gs} "
+                         f"(hqq groups the flattened weight); choose a group size dividing it, or -1")
+    return gs
+
+
+def hqq_expert(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict]:
+    """hqq's Quantizer.quantize on one expert's [out, in] weight: (unpacked codes [out*in/gs, gs], hqq meta)."""
+    from hqq.core.quantize import Quantizer
+
+    # device must be named: hqq defaults to "cuda". On CUDA hqq optimises in float16, on the CPU in float32.
+    return Quantizer.quantize(weight.float(), nbits=spec.bits, channel_wise=True,
+                              group_size=hqq_group_size(spec, weight.shape[-1]), optimize=True, axis=1,
+                              bitpack=False, device=str(weight.device))
+
+
+@torch.no_grad()
+def quantize_experts_hqq(weight: torch.Tensor, spec: QuantSpec) -> QuantizedExperts:
+    """HQQ of every expert (one hqq call per expert: hqq's early stopping looks at the whole tensor it is
+    given, so this is what quantizing each expert's nn.Linear with hqq gives)."""
+    E, out, n_in = weight.shape
+    G = n_in // hqq_group_size(spec, n_in)
+    codes, scales, zeros = [], [], []
+    for e in range(E):
+        w_q, meta = hqq_expert(weight[e], spec)
+        u = w_q.reshape(out, n_in)
+        if u.min() < 0 or u.max() >= 1 << spec.bits or not torch.equal(u, u.round()):
+            raise AssertionError("hqq returned codes outside the integer grid")
+        codes.append(pack_codes(u.to(torch.uint8).cpu(), spec.bits))
+        scales.append(meta["scale"].reshape(out, G).to(torch.float16).cpu())
+        zeros.append(meta["zero"].reshape(out, G).to(torch.float16).cpu())
+    return QuantizedExperts(torch.stack(codes), torch.stack(scales), torch.stack(zeros), (E, out, n_in), spec)
+
+
 def dequantize(q: QuantizedExperts, dtype=torch.float32) -> torch.Tensor:
-    """[E, out, in] weights in `dtype` (computed in float32, then cast)."""
+    """[E, out, in] weights in `dtype` (computed in float32, then cast). Zero points may be uint8 (integer
+    grid: gptq, rtn) or float16 (hqq); the formula (u - z) * s is the same."""
     E, out, n_in = q.shape
     spec = q.spec
     u = unpack_codes(q.codes, spec.bits, n_in).float()

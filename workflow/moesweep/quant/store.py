@@ -3,27 +3,74 @@
 Tensor keys, for each entry NAME of the layers dict (e.g. "layers.3.gate_up_proj"):
     NAME.codes     uint8   [E, out, ceil(in*bits/8)]   packed codes (packing.py)
     NAME.scales    float16 [E, out, n_groups]
-    NAME.zeros     uint8   [E, out, n_groups]          only when asymmetric
+    NAME.zeros     uint8   [E, out, n_groups]          only when asymmetric; float16 when zero_dtype=float16 (hqq)
     NAME.fallback  bool    [E]                         expert quantized by the RTN fallback
 Metadata (all strings; non-strings are JSON-encoded): format="moesweep-quantized", format_version,
-bits, group_size, symmetric, method, damp, min_tokens, shapes (JSON {NAME: [E, out, in]}), and every entry
-of the caller's metadata (model_id, calibration hash, ...). All layers of one file share one QuantSpec.
+bits, group_size, symmetric, method, damp, min_tokens, zero_dtype ("uint8": integer zero points of the
+gptq/rtn grid; "float16": hqq's float zero points; "none": symmetric), shapes (JSON {NAME: [E, out, in]}),
+and every entry of the caller's metadata (model_id, calibration hash, ...). All layers of one file share
+one QuantSpec. Every tensor's dtype and shape is checked on load.
+
+Version 2 added zero_dtype (float16 zeros for hqq); version-1 files (uint8 zeros only, no zero_dtype) are
+still read. Files may also be written layer by layer (QuantizedWriter): the same bytes layout rules of
+safetensors, readable by safe_open, without holding the whole model's packed experts in memory.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
-from ..io import ArtefactError, save_safetensors
+from ..io import ArtefactError, atomic_path, save_safetensors
 from .core import QuantizedExperts, QuantSpec
 from .packing import packed_row_bytes
 
 FORMAT = "moesweep-quantized"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 _SPEC_KEYS = ("bits", "group_size", "symmetric", "method", "damp", "min_tokens")
-_RESERVED = ("format", "format_version", "shapes", *_SPEC_KEYS)
+_RESERVED = ("format", "format_version", "shapes", "zero_dtype", *_SPEC_KEYS)
+ZERO_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
+
+
+def zero_dtype(spec: QuantSpec) -> str:
+    """How a spec's zero points are stored: none (symmetric), float16 (hqq), uint8 (integer grid)."""
+    return "none" if spec.symmetric else ("float16" if spec.method == "hqq" else "uint8")
+
+
+def _parts(name: str, shape, spec: QuantSpec) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Every tensor a layer entry has in the file: {key: (dtype, shape)}."""
+    E, out, n_in = shape
+    groups = spec.n_groups(n_in)
+    parts = {f"{name}.codes": (torch.uint8, (E, out, packed_row_bytes(n_in, spec.bits))),
+             f"{name}.scales": (torch.float16, (E, out, groups)), f"{name}.fallback": (torch.bool, (E,))}
+    zd = zero_dtype(spec)
+    if zd != "none":
+        parts[f"{name}.zeros"] = (ZERO_DTYPES[zd], (E, out, groups))
+    return parts
+
+
+def _tensors(name: str, q: QuantizedExperts) -> dict[str, torch.Tensor]:
+    t = {f"{name}.codes": q.codes, f"{name}.scales": q.scales, f"{name}.fallback": q.fallback.to(torch.bool)}
+    if zero_dtype(q.spec) != "none":
+        t[f"{name}.zeros"] = q.zeros
+    for key, (dtype, shape) in _parts(name, q.shape, q.spec).items():
+        if t[key].dtype != dtype or tuple(t[key].shape) != shape:
+            raise ValueError(f"{key}: {t[key].dtype} {tuple(t[key].shape)}, expected {dtype} {shape}")
+    return t
+
+
+def _file_metadata(spec: QuantSpec, shapes: dict, metadata: dict) -> dict[str, str]:
+    clash = set(metadata) & set(_RESERVED)
+    if clash:
+        raise ValueError(f"metadata keys {sorted(clash)} are written by save_quantized itself")
+    meta = {k: _as_str(v) for k, v in metadata.items()}
+    meta.update({k: _as_str(getattr(spec, k)) for k in _SPEC_KEYS})
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, zero_dtype=zero_dtype(spec),
+                shapes=_as_str({name: list(s) for name, s in shapes.items()}))
+    return meta
 
 
 def _as_str(value) -> str:
@@ -35,20 +82,11 @@ def save_quantized(path: str | os.PathLike, layers: dict[str, QuantizedExperts],
     specs = {q.spec for q in layers.values()}
     if len(specs) != 1:
         raise ValueError(f"one file holds one QuantSpec, got {len(specs)}")
-    clash = set(metadata) & set(_RESERVED)
-    if clash:
-        raise ValueError(f"metadata keys {sorted(clash)} are written by save_quantized itself")
     spec = specs.pop()
+    meta = _file_metadata(spec, {name: q.shape for name, q in layers.items()}, metadata)
     tensors = {}
     for name, q in layers.items():
-        tensors[f"{name}.codes"], tensors[f"{name}.scales"] = q.codes, q.scales
-        tensors[f"{name}.fallback"] = q.fallback.to(torch.bool)
-        if not spec.symmetric:
-            tensors[f"{name}.zeros"] = q.zeros
-    meta = {k: _as_str(v) for k, v in metadata.items()}
-    meta.update({k: _as_str(getattr(spec, k)) for k in _SPEC_KEYS})
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION,
-                shapes=_as_str({name: list(q.shape) for name, q in layers.items()}))
+        tensors.update(_tensors(name, q))
     save_safetensors(path, tensors, meta)
 
 
@@ -69,8 +107,8 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 fail(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-            if meta.get("format_version") != FORMAT_VERSION:
-                fail(f"format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}")
+            if meta.get("format_version") not in READABLE_VERSIONS:
+                fail(f"format_version is {meta.get('format_version')!r}, expected one of {', '.join(READABLE_VERSIONS)}")
             for key, want in expect.items():
                 want = _as_str({k: list(v) for k, v in want.items()} if key == "shapes" else want)
                 if meta.get(key) != want:
@@ -86,17 +124,90 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
     spec = QuantSpec(bits=int(meta["bits"]), group_size=int(meta["group_size"]),
                      symmetric=json.loads(meta["symmetric"]), method=meta["method"],
                      damp=float(meta["damp"]), min_tokens=int(meta["min_tokens"]))
+    # Version 1 had no zero_dtype key: integer (uint8) zero points, or none when symmetric.
+    stored_zero = meta.get("zero_dtype", zero_dtype(spec) if meta["format_version"] == "1" else None)
+    if stored_zero != zero_dtype(spec):
+        fail(f"zero_dtype is {stored_zero!r}, but method {spec.method!r} (symmetric={spec.symmetric}) stores "
+             f"{zero_dtype(spec)!r}")
     layers = {}
     for name, shape in json.loads(meta["shapes"]).items():
-        E, out, n_in = shape
-        groups = spec.n_groups(n_in)
-        want = {"codes": (E, out, packed_row_bytes(n_in, spec.bits)), "scales": (E, out, groups),
-                "fallback": (E,), **({} if spec.symmetric else {"zeros": (E, out, groups)})}
-        for part, part_shape in want.items():
-            got = tensors.get(f"{name}.{part}")
-            if got is None or tuple(got.shape) != part_shape:
-                fail(f"{name}.{part} has shape {None if got is None else tuple(got.shape)}, expected {part_shape}")
+        for key, (dtype, part_shape) in _parts(name, shape, spec).items():
+            got = tensors.get(key)
+            if got is None or tuple(got.shape) != part_shape or got.dtype != dtype:
+                fail(f"{key} is {None if got is None else (got.dtype, tuple(got.shape))}, expected "
+                     f"{(dtype, part_shape)}")
         zeros = tensors[f"{name}.zeros"] if not spec.symmetric else torch.zeros(0, dtype=torch.uint8)
         layers[name] = QuantizedExperts(tensors[f"{name}.codes"], tensors[f"{name}.scales"], zeros,
                                         tuple(shape), spec, tensors[f"{name}.fallback"])
     return layers, meta
+
+
+_ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bool: "BOOL"}
+
+
+class QuantizedWriter:
+    """Write one quantized file layer by layer, so that only one layer's packed experts are in memory.
+
+    All entries (names and [E, out, in] shapes) are declared up front, which fixes the safetensors header;
+    each `add(name, q)` then writes that entry's tensors at their offsets. `close()` checks that every entry
+    was written and renames the file into place (atomic: a failure leaves no file). The result is a normal
+    safetensors file with the metadata save_quantized writes, read back by load_quantized.
+    Use as a context manager: an exception inside discards the partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, spec: QuantSpec, shapes: dict, metadata: dict):
+        self.spec, self.shapes = spec, {n: tuple(int(d) for d in s) for n, s in shapes.items()}
+        self.parts, self.offsets, offset = {}, {}, 0
+        for name, shape in self.shapes.items():
+            for key, (dtype, shape_) in _parts(name, shape, spec).items():
+                nbytes = math.prod(shape_) * torch.empty(0, dtype=dtype).element_size()
+                self.parts[key], self.offsets[key] = (dtype, shape_), (offset, offset + nbytes)
+                offset += nbytes
+        header = {"__metadata__": _file_metadata(spec, self.shapes, metadata)}
+        header.update({k: {"dtype": _ST_DTYPES[d], "shape": list(s), "data_offsets": list(self.offsets[k])}
+                       for k, (d, s) in self.parts.items()})
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+        self._data_start = 8 + len(raw)
+        self._atomic = atomic_path(path)
+        self._tmp = self._atomic.__enter__()
+        self._file = open(self._tmp, "r+b")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._file.truncate(self._data_start + offset)
+        self._written: set[str] = set()
+
+    def add(self, name: str, q: QuantizedExperts) -> None:
+        if q.spec != self.spec or q.shape != self.shapes.get(name):
+            raise ValueError(f"{name}: spec/shape {q.spec}, {q.shape} not declared for this file "
+                             f"({self.spec}, {self.shapes.get(name)})")
+        if name in self._written:
+            raise ValueError(f"{name} written twice")
+        for key, tensor in _tensors(name, q).items():
+            self._file.seek(self._data_start + self.offsets[key][0])
+            self._file.write(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._written.add(name)
+
+    def close(self) -> None:
+        missing = sorted(set(self.shapes) - self._written)
+        if missing:
+            self.abort()
+            raise ValueError(f"quantized file incomplete: {missing[:3]}{'...' if len(missing) > 3 else ''} never written")
+        self._file.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._file.close()
+        try:
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
