@@ -216,6 +216,7 @@ class FastQwen3MoeEngine:
               "slot": torch.zeros(1, dtype=torch.long, device=dev),
               "keys": torch.zeros(batch, L, dtype=torch.bool, device=dev),
               "live": torch.zeros(batch, dtype=torch.bool, device=dev),
+              "eos": torch.full((1,), -1, dtype=torch.long, device=dev),  # a buffer, not a constant of the graph
               "out": torch.zeros(batch, L + 1, dtype=torch.long, device=dev)}  # token of cache slot j at j
 
         def step():
@@ -223,11 +224,14 @@ class FastQwen3MoeEngine:
             logits = self._forward(st["token"], st["position"], st["slot"], st["keys"][:, None, None, :], st["live"], True)
             nxt = logits.argmax(-1)
             st["out"].index_copy_(1, st["slot"] + 1, nxt[:, None])
-            st["live"].logical_and_(nxt != self.eos)
+            st["live"].logical_and_(nxt != st["eos"])
             st["token"].copy_(nxt[:, None])
             st["position"].add_(1)
             st["slot"].add_(1)
 
+        # Warm-up and capture run real steps on dummy rows (no valid token, nothing routed); they must not count,
+        # and a batch size first seen mid-generation must not wipe what the earlier batches counted.
+        saved = (self.stats.counts.clone(), self.stats.load.clone())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -237,7 +241,8 @@ class FastQwen3MoeEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        self.reset_stats()  # the warm-up steps route no valid token, but start from zero all the same
+        self.stats.counts.copy_(saved[0])
+        self.stats.load.copy_(saved[1])
         self._graphs[batch] = (st, graph)
         return self._graphs[batch]
 
@@ -284,6 +289,7 @@ class FastQwen3MoeEngine:
         st["slot"].fill_(P)
         st["keys"].copy_(keys)
         st["live"].copy_(nxt != self.eos)
+        st["eos"].fill_(self.eos)
         st["out"][:, P] = nxt
         torch.cuda.synchronize()
         t1 = time.perf_counter()
