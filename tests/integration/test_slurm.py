@@ -137,6 +137,26 @@ def test_dry_run_shows_each_jobs_slurm_resources(workdir):
     assert "Group job cells" in out and "Group job report" in out
 
 
+@pytest.mark.parametrize("fused,env,runtime", [(False, {}, 240), (True, {}, 960),
+                                                 (True, {"MOESWEEP_SLURM_FUSED_RUNTIME": "1500"}, 1500)])
+def test_fused_quantize_job_gets_its_own_runtime(workdir, fused, env, runtime):
+    """The quantize rule is one job per width, or with quantization.fused one job doing calibration and every
+    width: the profile tells them apart by their wildcards and gives the fused job the longer runtime."""
+    cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    cfg["quantization"]["fused"] = fused
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = subprocess.run(snakemake_cmd(workdir, PROFILE, "-n"), capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    jobs = planned_resources(out)
+    quantize = [res for rule, res in jobs if rule == "quantize"]
+    assert len(quantize) == 1 and int(quantize[0]["runtime"]) == runtime, quantize  # micro config: 1 width
+    assert ("calibrate" in {rule for rule, _ in jobs}) is not fused
+    assert int(quantize[0]["mem_mb"]) == 128000
+    assert [int(res["mem_mb"]) for rule, res in jobs if rule == "profile"] == [32000]
+
+
 # --- a real cluster -------------------------------------------------------------------------------------
 
 

@@ -147,6 +147,7 @@ BAD_CONFIGS = [  # (path, value, words the one error message must contain)
     ("model.id", "/nonexistent/model", "no such directory"),
     ("dataset.source", "/nonexistent/gsm8k.jsonl", "no such file"),
     ("prompt.preset", "gsm8k_5shot", "preset"),
+    ("profile.device", "gpu", "device"),                            # not auto | cpu | cuda | cuda:N
     ("seed", -1, "seed"),
 ]
 

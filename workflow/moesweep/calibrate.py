@@ -8,6 +8,7 @@ Profiling counts, per layer and expert, how often it is selected and the routing
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,8 @@ def collect_calibration(model, tokenizer, adapter, texts: list, max_length: int,
 def collect_calibration_layerwise(runners: dict, adapter, expert_inputs: str = "routed", on_layer=None,
                                   progress=None, keep: bool = True) -> dict[str, CalibrationResult]:
     """Calibration of several sample sets (e.g. {"calibration": ..., "heldout": ...}) in one layer-by-layer
-    pass over a skeleton model (layerwise.LayerwiseModel per set, all sharing `adapter`'s skeleton).
+    pass over a skeleton model (layerwise.LayerwiseModel per set, all sharing `adapter`'s skeleton; the layer
+    loop is layerwise.run_layerwise).
 
     Each decoder layer is materialised once, every set's batches run through it, and its Hessians are
     finished before the next layer loads. `on_layer(layer, module, {set: {"layers.i.proj": H}}, {set: counts})`
@@ -166,80 +168,122 @@ def collect_calibration_layerwise(runners: dict, adapter, expert_inputs: str = "
     there); with keep=False the Hessians are not kept in the result (only counts, β and token totals).
     Gives the same numbers as collect_calibration on each set (tested).
     """
+    from .layerwise import run_layerwise
+
     contexts = {name: RoutingContext() for name in runners}
     accs = {name: _Accumulator(adapter.num_experts, contexts[name], expert_inputs) for name in runners}
-    first = next(iter(runners.values()))
-    install_policy(adapter, Routing("native"), contexts[next(iter(runners))])
     results = {name: CalibrationResult({}, {}, {}, r.tokens) for name, r in runners.items()}
-    layer_items = adapter.layers()
-    moe_by_index = {l.index: l for l in layer_items}
-    indices = range(len(first.model.model.layers))
-    for index in (progress(indices) if progress else indices):
-        first.materialise(index)
-        moe = moe_by_index.get(index)
+    layer_hess: dict[str, dict[str, torch.Tensor]] = {}
+
+    @contextmanager
+    def observe(name, moe):
+        accs[name].attach(adapter, moe)
         try:
-            layer_hess = {}
-            for name, runner in runners.items():
-                if moe is not None:
-                    moe.router.context = contexts[name]  # the PolicyRouter reads `valid` from its context
-                    accs[name].attach(adapter, moe)
-                try:
-                    runner.forward_layer(index, contexts[name])
-                finally:
-                    if moe is not None:
-                        accs[name].detach(adapter, moe)
-                if moe is not None:
-                    layer_hess[name] = accs[name].layer_hessians(moe, runner.device)
-                    results[name].token_counts[f"layers.{index}"] = accs[name].counts[index]
-                    results[name].skip_beta[index] = accs[name].beta(index)
-            if moe is not None:
-                if on_layer is not None:
-                    on_layer(moe, layer_hess, {n: accs[n].counts[index] for n in runners})
-                if keep:
-                    for name in runners:
-                        results[name].hessians.update({k: v.cpu() for k, v in layer_hess[name].items()})
+            yield
         finally:
-            first.release(index)
+            accs[name].detach(adapter, moe)
+        # Finished right after this set's forward, not after all sets: only one set's float64 sums are
+        # alive at a time (for Qwen3-30B-A3B 4.9 GB per layer and set).
+        layer_hess[name] = accs[name].layer_hessians(moe, runners[name].device)
+        results[name].token_counts[f"layers.{moe.index}"] = accs[name].counts[moe.index]
+        results[name].skip_beta[moe.index] = accs[name].beta(moe.index)
+
+    def finish(moe):
+        if on_layer is not None:
+            on_layer(moe, layer_hess, {n: accs[n].counts[moe.index] for n in runners})
+        if keep:
+            for name in runners:
+                results[name].hessians.update({k: v.cpu() for k, v in layer_hess[name].items()})
+        layer_hess.clear()
+
+    run_layerwise(runners, adapter, contexts, observe, finish, progress)
     return results
+
+
+class _Hotness:
+    """Routed probability mass per (layer, expert) from forward hooks on the PolicyRouters; selections and
+    tokens come from the routing context's own accounting (PolicyRouter._account). The same code serves the
+    whole-model and the layer-by-layer pass, so both add the same float64 numbers in the same order."""
+
+    def __init__(self, E: int, context: RoutingContext):
+        self.E, self.context = E, context
+        self.mass: dict[int, torch.Tensor] = {}
+        self._handles: dict[int, object] = {}
+
+    def _hook(self, layer_idx):
+        def fn(module, args, output):
+            logits, _, index = output
+            # Mass = the router's probability of each selected expert (before top-k renormalisation).
+            probs = torch.softmax(logits.float(), dim=-1).gather(1, index.clamp_max(self.E - 1))
+            valid = self.context.valid
+            keep = index < self.E
+            if valid is not None:
+                keep &= valid[:, None]
+            self.mass[layer_idx].index_add_(0, index[keep].cpu(), probs[keep].double().cpu())
+        return fn
+
+    def attach(self, layer) -> None:
+        self.mass.setdefault(layer.index, torch.zeros(self.E, dtype=torch.float64))
+        self._handles[layer.index] = layer.router.register_forward_hook(self._hook(layer.index))
+
+    def detach(self, layer) -> None:
+        handle = self._handles.pop(layer.index, None)
+        if handle is not None:
+            handle.remove()
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for layer, stats in sorted(self.context.stats.items()):
+            sel = stats.load.double()
+            m = self.mass[layer]
+            rank = torch.argsort(torch.argsort(-m, stable=True))  # 0 = hottest
+            for e in range(self.E):
+                rows.append({"layer": layer, "expert": e, "selections": int(sel[e]),
+                             "selection_share": float(sel[e] / sel.sum()), "prob_mass": float(m[e]),
+                             "prob_share": float(m[e] / m.sum()), "hotness_rank": int(rank[e]),
+                             "tokens": stats.tokens})
+        return rows
 
 
 @torch.inference_mode()
 def profile_hotness(model, tokenizer, adapter, texts: list[str], max_length: int, batch_size: int = 8,
                     device: str = "cpu") -> list[dict]:
-    """Selections and routed probability mass per (layer, expert) under native routing, over valid tokens."""
+    """Selections and routed probability mass per (layer, expert) under native routing, over valid tokens, in
+    one pass of the whole model. (The profile stage uses profile_hotness_layerwise, which gives the same rows
+    without loading the model; this is its reference.)"""
     context = RoutingContext()
     install_policy(adapter, Routing("native"), context)
-    E = adapter.num_experts
-    mass = {l.index: torch.zeros(E, dtype=torch.float64) for l in adapter.layers()}
-
-    def hook(layer_idx):
-        def fn(module, args, output):
-            logits, _, index = output
-            # Mass = the router's probability of each selected expert (before top-k renormalisation).
-            probs = torch.softmax(logits.float(), dim=-1).gather(1, index.clamp_max(E - 1))
-            valid = context.valid
-            keep = index < E
-            if valid is not None:
-                keep &= valid[:, None]
-            mass[layer_idx].index_add_(0, index[keep].cpu(), probs[keep].double().cpu())
-        return fn
-
-    handles = [l.router.register_forward_hook(hook(l.index)) for l in adapter.layers()]
+    hot = _Hotness(adapter.num_experts, context)
+    layers = adapter.layers()
+    for l in layers:
+        hot.attach(l)
     try:
         for input_ids, attention, position in _batches(tokenizer, texts, max_length, batch_size, device):
             context.valid = attention.bool().reshape(-1)
             model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
-    rows = []
-    for layer, stats in sorted(context.stats.items()):
-        sel = stats.load.double()
-        m = mass[layer]
-        rank = torch.argsort(torch.argsort(-m, stable=True))  # 0 = hottest
-        for e in range(E):
-            rows.append({"layer": layer, "expert": e, "selections": int(sel[e]),
-                         "selection_share": float(sel[e] / sel.sum()), "prob_mass": float(m[e]),
-                         "prob_share": float(m[e] / m.sum()), "hotness_rank": int(rank[e]),
-                         "tokens": stats.tokens})
-    return rows
+        for l in layers:
+            hot.detach(l)
+    return hot.rows()
+
+
+@torch.inference_mode()
+def profile_hotness_layerwise(runner, adapter, progress=None) -> list[dict]:
+    """profile_hotness's rows from a layer-by-layer pass (layerwise.run_layerwise) over `runner`'s batches
+    (a LayerwiseModel on `adapter`'s skeleton): the model is never loaded whole. Same rows, same numbers
+    (tested against profile_hotness)."""
+    from .layerwise import run_layerwise
+
+    context = RoutingContext()
+    hot = _Hotness(adapter.num_experts, context)
+
+    @contextmanager
+    def observe(name, moe):
+        hot.attach(moe)
+        try:
+            yield
+        finally:
+            hot.detach(moe)
+
+    run_layerwise({"profile": runner}, adapter, {"profile": context}, observe, progress=progress)
+    return hot.rows()

@@ -6,7 +6,8 @@ model exists only as a skeleton on the `meta` device (module structure and confi
 calibration set's hidden states are kept between layers, and each decoder layer in turn is read from the
 shards (safetensors `safe_open`, tensor by tensor), moved to the device, run over every batch, and dropped.
 Peak memory = one layer's weights + the hidden states of the calibration set + what the caller keeps per
-layer (Hessians, quantization scratch).
+layer (Hessians, quantization scratch). `run_layerwise` is the one layer loop every stage drives (calibrate,
+the fused quantize job, profile); each attaches its own observers to the MoE layer while the batches run.
 
 Exactness: the layer modules, the causal mask (`create_causal_mask`), the rotary embedding, the routers
 (PolicyRouter) and the experts forward (moesweep's sparse implementation) are the very ones the whole-model
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,8 @@ def skeleton(model_id: str, dtype: str = "float32", revision: str | None = None,
 
     from .model import ADAPTERS, ModelError, read_model_type
 
+    if trust_remote_code:  # as model.load_model: code from the checkpoint is never run silently
+        warnings.warn(f"trust_remote_code is on for {model_id}: code from the checkpoint will run", stacklevel=2)
     model_type = read_model_type(model_id, revision)
     if model_type not in ADAPTERS:
         raise ModelError(f"model.id {model_id!r} has model_type {model_type!r}, which is not a supported MoE family; "
@@ -151,13 +156,36 @@ def skeleton(model_id: str, dtype: str = "float32", revision: str | None = None,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    return ckpt, model, ADAPTERS[model_type](model), torch_dtype
+    adapter = ADAPTERS[model_type](model)
+    if not adapter.layers():  # as model.load_model: a dense checkpoint has nothing to calibrate or profile
+        raise ModelError(f"model.id {model_id!r}: no MoE layers found")
+    return ckpt, model, adapter, torch_dtype
+
+
+def _mask_functions(config, num_layers: int) -> tuple[list[str], dict]:
+    """(attention kind of each decoder layer, {kind: transformers mask function}), chosen as each family's
+    own model forward chooses. A config with `layer_types` (Qwen2-MoE) maps every layer to a full or a
+    sliding-window mask; the others build one mask for all layers, sliding-window when `sliding_window` is set
+    (Qwen3-MoE, Mixtral, Phi-MoE; OLMoE has no such key). Qwen2-MoE sets sliding_window = 0, not None, when
+    sliding is off, so it must not take the second rule: its layer_types then say full attention everywhere."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    kinds = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - kinds.keys())
+        if unknown or len(layer_types) != num_layers:
+            raise CheckpointError(f"config.layer_types {list(layer_types)!r}: the layer-by-layer path knows "
+                                  f"{', '.join(kinds)} for each of the {num_layers} layers")
+        return list(layer_types), {k: kinds[k] for k in dict.fromkeys(layer_types)}
+    kind = "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
+    return [kind] * num_layers, {kind: kinds[kind]}
 
 
 @dataclass
 class _Batch:
     hidden: torch.Tensor  # [B, S, H] on the device
-    mask: object  # what create_causal_mask returned (tensor or None)
+    masks: dict  # attention kind -> what its mask function returned (tensor or None)
     position: torch.Tensor
     rope: tuple  # (cos, sin)
     valid: torch.Tensor  # [B*S] bool: non-padding tokens
@@ -172,20 +200,19 @@ class LayerwiseModel:
     """
 
     def __init__(self, ckpt: LazyCheckpoint, model, adapter, dtype: torch.dtype, batches, device: str = "cpu"):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         self.ckpt, self.model, self.adapter, self.dtype, self.device = ckpt, model, adapter, dtype, device
         config = model.config
-        mask_fn = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+        self.layer_masks, mask_fns = _mask_functions(config, len(model.model.layers))
         embed = ckpt.read(["model.embed_tokens.weight"], dtype)["model.embed_tokens.weight"].to(device)
         rotary = type(model.model.rotary_emb)(config=config).to(device)  # built on the CPU, moved: as from_pretrained
         self.batches: list[_Batch] = []
         with torch.inference_mode():
             for input_ids, attention, position in batches:
                 hidden = torch.nn.functional.embedding(input_ids.to(device), embed)
-                mask = mask_fn(config=config, inputs_embeds=hidden, attention_mask=attention.to(device),
-                               past_key_values=None, position_ids=position.to(device))
-                self.batches.append(_Batch(hidden, mask, position.to(device), rotary(hidden, position.to(device)),
+                masks = {kind: fn(config=config, inputs_embeds=hidden, attention_mask=attention.to(device),
+                                  past_key_values=None, position_ids=position.to(device))
+                         for kind, fn in mask_fns.items()}
+                self.batches.append(_Batch(hidden, masks, position.to(device), rotary(hidden, position.to(device)),
                                            attention.bool().reshape(-1).to(device)))
         del embed
         self.tokens = int(sum(b.valid.sum() for b in self.batches))
@@ -204,14 +231,53 @@ class LayerwiseModel:
     def forward_layer(self, index: int, context=None) -> None:
         """Run every batch through the (materialised) layer `index`, replacing the kept hidden states."""
         layer = self.model.model.layers[index]
+        kind = self.layer_masks[index]
         for b in self.batches:
             if context is not None:
                 context.valid = b.valid
-            b.hidden = layer(b.hidden, attention_mask=b.mask, position_ids=b.position, past_key_values=None,
+            b.hidden = layer(b.hidden, attention_mask=b.masks[kind], position_ids=b.position, past_key_values=None,
                              use_cache=False, position_embeddings=b.rope)
 
     def hidden_bytes(self) -> int:
         return sum(b.hidden.numel() * b.hidden.element_size() for b in self.batches)
+
+
+def run_layerwise(runners: dict, adapter, contexts: dict, observe=None, on_layer=None, progress=None) -> None:
+    """Run every set of batches (`runners`: name -> LayerwiseModel, all on `adapter`'s skeleton) through the
+    whole decoder stack under native routing, one decoder layer at a time.
+
+    Each layer is materialised once; every set's batches run through it in turn, and the layer is released
+    before the next one loads (also when a caller's code raises). For an MoE layer, the router reads `valid`
+    from `contexts[name]` while set `name` runs, and `observe(name, moe_layer)` (a context manager, or None)
+    is entered around that set's forward: the caller attaches its hooks on entry, detaches them on exit, and
+    may finish per-set work after the block (only reached when the forward succeeded). `on_layer(moe_layer)`
+    is then called once, while the layer's weights are still on the device. Dense layers just run.
+    """
+    from .grid import Routing
+    from .model import install_policy
+
+    if not runners or runners.keys() != contexts.keys():
+        raise ValueError(f"run_layerwise needs one routing context per sample set; sets {sorted(runners)}, "
+                         f"contexts {sorted(contexts)}")
+    # The routers become PolicyRouters under native routing: bit for bit the family's own router, plus the
+    # routing accounting (context.stats) the profile reads.
+    install_policy(adapter, Routing("native"), next(iter(contexts.values())))
+    first = next(iter(runners.values()))
+    moe_by_index = {l.index: l for l in adapter.layers()}
+    indices = range(len(first.model.model.layers))
+    for index in (progress(indices) if progress else indices):
+        first.materialise(index)  # the sets share one skeleton: one materialised layer serves all of them
+        moe = moe_by_index.get(index)
+        try:
+            for name, runner in runners.items():
+                if moe is not None:
+                    moe.router.context = contexts[name]
+                with observe(name, moe) if (observe is not None and moe is not None) else nullcontext():
+                    runner.forward_layer(index, contexts[name])
+            if moe is not None and on_layer is not None:
+                on_layer(moe)
+        finally:
+            first.release(index)
 
 
 def write_random_checkpoint(out: str | Path, config, tokenizer_dir: str | Path, seed: int = 0,

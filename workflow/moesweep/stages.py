@@ -1,5 +1,7 @@
 """Stage entry points called by the workflow scripts: calibrate, quantize (or both fused), profile.
 
+All three run layer by layer from the checkpoint's safetensors shards (layerwise.py); none loads the model.
+
 Each takes plain config sections and paths, does one stage's work through the library, and writes its
 artefacts atomically with metadata naming the model and the config hash that produced them.
 """
@@ -11,19 +13,14 @@ import pandas as pd
 import torch
 
 from . import io
-from .calibrate import collect_calibration_layerwise, profile_hotness
+from .calibrate import _batches, collect_calibration_layerwise, profile_hotness_layerwise
 from .data.sources import CALIBRATION_FORMATS, SYNTHETIC, load_split, text_chunks, training_text
 from .grid import config_hash
-from .model import load_model, model_fingerprint
+from .model import model_fingerprint
 
 log = logging.getLogger(__name__)
 CALIBRATION_FORMAT = "moesweep-calibration"
 CALIBRATION_VERSION = "1"
-
-
-def _load(model_cfg: dict, device: str = "cpu"):
-    return load_model(model_cfg["id"], model_cfg.get("dtype", "float32"), device, model_cfg.get("revision"),
-                      model_cfg.get("trust_remote_code", False))
 
 
 def _device(name: str | None) -> str:
@@ -85,7 +82,6 @@ def _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed) -> dict:
 
 def _layerwise_runners(model_cfg, calib_cfg, samples, device):
     """(skeleton adapter, {"calibration": LayerwiseModel, "heldout": LayerwiseModel}) sharing one skeleton."""
-    from .calibrate import _batches
     from .layerwise import LayerwiseModel
 
     tokenizer = _tokenizer(model_cfg)
@@ -318,12 +314,25 @@ def fused_quantize_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, qu
     _write_stats(out_stats, results["calibration"], calib_cfg["n_samples"], cal_meta["config_hash"])
 
 
-def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: int, out: str) -> None:
+
+def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: int, out: str, progress=None) -> None:
+    """Expert hotness (selections, routed probability mass per layer and expert) under native routing, layer
+    by layer (layerwise.py): the model is never loaded whole; memory holds one decoder layer's weights and
+    the profile samples' hidden states (n_samples x max_length x hidden), on `profile.device`. The rows equal
+    a whole-model pass's (calibrate.profile_hotness; tested)."""
+    from .layerwise import LayerwiseModel
+
     torch.manual_seed(seed)
     problems = load_split(dataset_cfg, "train", profile_cfg["n_samples"], seed, "profile")
-    model, tokenizer, adapter = _load(model_cfg)
-    rows = profile_hotness(model, tokenizer, adapter, [training_text(p) for p in problems], profile_cfg["max_length"],
-                           profile_cfg.get("batch_size", 8))
+    device = _device(profile_cfg.get("device", "cpu"))
+    tokenizer = _tokenizer(model_cfg)
+    ckpt, model, adapter, dtype = _skeleton(model_cfg)
+    batches = _batches(tokenizer, [training_text(p) for p in problems], profile_cfg["max_length"],
+                       profile_cfg.get("batch_size", 8), "cpu")
+    runner = LayerwiseModel(ckpt, model, adapter, dtype, batches, device)
+    log.info("profile: %d samples, %d tokens, layer by layer on %s", len(problems), runner.tokens, device)
+    rows = profile_hotness_layerwise(runner, adapter, progress=progress)
     df = pd.DataFrame(rows)
+    # device is hashed too, as calibration.device is: float results on another device may differ in the last bits
     df["config_hash"] = config_hash(model_cfg, dataset_cfg, profile_cfg, seed)
     io.write_parquet(out, df)
