@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from layerwise_harness import header, run_on_random_checkpoint  # noqa: E402
 
 
 def child(args) -> None:
@@ -54,13 +53,6 @@ def child(args) -> None:
                       "rows": len(df), "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
@@ -77,42 +69,19 @@ def main():
     if args.child:
         return child(args)
 
-    from transformers import Qwen3MoeConfig
-
     from moesweep.io import write_text
-    from moesweep.layerwise import write_random_checkpoint
 
-    cfg = Qwen3MoeConfig(vocab_size=512, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                         num_experts=args.experts, num_experts_per_tok=8, norm_topk_prob=True,
-                         max_position_embeddings=4096, eos_token_id=0, pad_token_id=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        ckpt = write_random_checkpoint(Path(tmp) / "ckpt", cfg, REPO / "resources/models/tiny-qwen3-moe")
-        write_s = time.perf_counter() - t0
-        ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        cmd = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), *sys.argv[1:]]
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"child failed:\n{proc.stderr[-4000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-    import torch
-    import transformers
-
+    res = run_on_random_checkpoint(__file__, sys.argv[1:], args.layers, args.experts)
+    ckpt_bytes, write_s = res["ckpt_bytes"], res["write_s"]
     peak_gb = res["peak_rss_kb"] / 2**20
     per_layer = sum(res["layer_s"]) / len(res["layer_s"])
     E, H, I = args.experts, 2048, 768
     width = {"float32": 4}.get(args.dtype, 2)
     layer_gb = (E * 3 * H * I + 2 * H * 4096 + 2 * 512 * H + H * E) * width / 2**30
     embed_gb = 151936 * H * width / 2**30  # Qwen3-30B-A3B's real vocabulary; read once, then dropped
-    cmdline = " ".join([".venv/bin/python benchmarks/profile_layerwise.py", *sys.argv[1:]])
     text = "\n".join([
-        "# Layer-by-layer profile stage at Qwen3-30B-A3B layer shapes (CPU)", "",
-        f"Command: `{cmdline}`  ",
-        f"Hardware: {cpu_name()}, {args.threads} torch threads, CPU only; load average at start {load} "
-        f"(the machine's 2 cores may be shared with other jobs: times are upper bounds)  ",
-        f"Versions: python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}  ",
+        *header("Layer-by-layer profile stage at Qwen3-30B-A3B layer shapes (CPU)", __file__, sys.argv[1:],
+                args.threads, res["load"]),
         f"Setup: random bf16 checkpoint, {args.layers} decoder layer(s) x {E} experts (hidden 2048, moe_intermediate 768, "
         f"32/4 heads x 128, top-8, vocab 512), per-expert safetensors shards ({ckpt_bytes / 2**30:.2f} GiB, written in "
         f"{write_s:.0f} s, not timed); model dtype {args.dtype}; {args.n_samples} synthetic train problems, max_length "

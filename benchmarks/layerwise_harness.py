@@ -1,0 +1,61 @@
+"""What the layer-by-layer stage benchmarks share: a random checkpoint with Qwen3-30B-A3B's layer shapes, the stage
+run in a child process (its own peak RSS), and the Markdown header naming command, hardware and versions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def run_on_random_checkpoint(script: str, argv: list[str], layers: int, experts: int) -> dict:
+    """Write a random bf16 checkpoint with Qwen3-30B-A3B layer shapes (hidden 2048, `experts` experts, top-8,
+    moe_intermediate 768, 32 q / 4 kv heads of 128, per-expert tensors as on the hub) but `layers` layers and the
+    embedded model's 512-token vocabulary, then run `script --child --ckpt DIR argv` on it. Returns the child's JSON
+    line plus ckpt_bytes, write_s (not part of any measurement) and the load average at the start."""
+    from transformers import Qwen3MoeConfig
+
+    from moesweep.layerwise import write_random_checkpoint
+
+    cfg = Qwen3MoeConfig(vocab_size=512, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True,
+                         max_position_embeddings=4096, eos_token_id=0, pad_token_id=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        ckpt = write_random_checkpoint(Path(tmp) / "ckpt", cfg, REPO / "resources/models/tiny-qwen3-moe")
+        write_s = time.perf_counter() - t0
+        ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        proc = subprocess.run([sys.executable, script, "--child", "--ckpt", str(ckpt), *argv],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"child failed:\n{proc.stderr[-4000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**res, "ckpt_bytes": ckpt_bytes, "write_s": write_s, "load": load}
+
+
+def header(title: str, script: str, argv: list[str], threads: int, load: str) -> list[str]:
+    import torch
+    import transformers
+
+    cmdline = " ".join([f".venv/bin/python benchmarks/{Path(script).name}", *argv])
+    return [f"# {title}", "", f"Command: `{cmdline}`  ",
+            f"Hardware: {cpu_name()}, {threads} torch threads, CPU only; load average at start {load} "
+            f"(the machine's 2 cores may be shared with other jobs: times are upper bounds)  ",
+            f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}  "]
