@@ -59,3 +59,27 @@ def header(title: str, script: str, argv: list[str], threads: int, load: str) ->
             f"(the machine's 2 cores may be shared with other jobs: times are upper bounds)  ",
             f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}  "]
+
+
+def common_parser(doc: str, out_name: str, n_samples: int, max_length: int, batch_size: int):
+    """The options every layer-by-layer benchmark takes (defaults differ per stage)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--n-samples", type=int, default=n_samples)
+    ap.add_argument("--max-length", type=int, default=max_length)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out_name))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    return ap
+
+
+def layer_gib(experts: int, dtype: str) -> float:
+    """One decoder layer's weights at Qwen3-30B-A3B shapes (experts, attention, norms, router; vocab aside)."""
+    H, I = 2048, 768
+    return (experts * 3 * H * I + 2 * H * 4096 + 2 * 512 * H + H * experts) * {"float32": 4}.get(dtype, 2) / 2**30

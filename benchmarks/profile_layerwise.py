@@ -11,7 +11,6 @@ The checkpoint writing is not part of the measurement.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from layerwise_harness import header, run_on_random_checkpoint  # noqa: E402
+from layerwise_harness import common_parser, header, layer_gib, run_on_random_checkpoint  # noqa: E402
 
 
 def child(args) -> None:
@@ -54,17 +53,7 @@ def child(args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_layerwise.md"))
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap = common_parser(__doc__, "profile_layerwise.md", n_samples=128, max_length=256, batch_size=16)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -77,7 +66,7 @@ def main():
     per_layer = sum(res["layer_s"]) / len(res["layer_s"])
     E, H, I = args.experts, 2048, 768
     width = {"float32": 4}.get(args.dtype, 2)
-    layer_gb = (E * 3 * H * I + 2 * H * 4096 + 2 * 512 * H + H * E) * width / 2**30
+    layer_gb = layer_gib(E, args.dtype)
     embed_gb = 151936 * H * width / 2**30  # Qwen3-30B-A3B's real vocabulary; read once, then dropped
     text = "\n".join([
         *header("Layer-by-layer profile stage at Qwen3-30B-A3B layer shapes (CPU)", __file__, sys.argv[1:],

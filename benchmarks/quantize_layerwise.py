@@ -12,7 +12,6 @@ layers. The checkpoint writing is not part of the measurement.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from layerwise_harness import header, run_on_random_checkpoint  # noqa: E402
+from layerwise_harness import common_parser, header, layer_gib, run_on_random_checkpoint  # noqa: E402
 
 
 def child(args) -> None:
@@ -62,21 +61,11 @@ def child(args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--experts", type=int, default=128)
+    ap = common_parser(__doc__, "quantize_layerwise.md", n_samples=16, max_length=128, batch_size=8)
     ap.add_argument("--method", default="gptq", choices=["gptq", "rtn", "hqq"])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--n-heldout", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quantize_layerwise.md"))
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -89,7 +78,7 @@ def main():
     per_layer = sum(res["layer_s"]) / len(res["layer_s"])
     E, H, I = args.experts, 2048, 768
     hess_gb = E * (H * H + I * I) * 8 / 2**30  # one set's float64 sums of one layer
-    layer_gb = (E * 3 * H * I + 2 * H * 4096 + 2 * 512 * H + H * E) * {"float32": 4}.get(args.dtype, 2) / 2**30
+    layer_gb = layer_gib(E, args.dtype)
     text = "\n".join([
         *header("Fused layer-by-layer calibrate + quantize at Qwen3-30B-A3B layer shapes (CPU)", __file__, sys.argv[1:],
                 args.threads, res["load"]),
