@@ -54,7 +54,7 @@ class ExpertTier:
 
 
 @triton.jit
-def _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, row_mask, k0, K, group_size, sw0, sw1, ss0, ss1,
+def _packed_tile(w_ptr, s_ptr, z_ptr, slot, rows, row_mask, k0, K, group_size, sw0, sw1, ss0, ss1,
                  BITS: tl.constexpr, ASYM: tl.constexpr, GROUP_CONST: tl.constexpr, PB: tl.constexpr):
     """One BK-column tile of packed rows: (codes [PB, BN] int32, scale, zero), each byte loaded once.
     GROUP_CONST: the tile lies inside one scale group, so scale and zero are one value per row ([1, BN]);
@@ -129,10 +129,10 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
         PB: tl.constexpr = BK // P
         jb = tl.arange(0, PB)
         for k0 in range(0, K, BK):
-            codes, scale, zero = _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows, n_mask, k0, K, group_size, sw0,
+            codes, scale, zero = _packed_tile(w_ptr, s_ptr, z_ptr, slot, rows, n_mask, k0, K, group_size, sw0,
                                               sw1, ss0, ss1, BITS, ASYM, GROUP_CONST, PB)
             if GATE_UP:
-                codes_up, scale_up, zero_up = _packed_tile(x_ptr, w_ptr, s_ptr, z_ptr, slot, rows + N, n_mask, k0, K,
+                codes_up, scale_up, zero_up = _packed_tile(w_ptr, s_ptr, z_ptr, slot, rows + N, n_mask, k0, K,
                                                            group_size, sw0, sw1, ss0, ss1, BITS, ASYM, GROUP_CONST, PB)
             for sub in tl.static_range(P):
                 kk = k0 + jb * P + sub  # code `sub` of byte j is input column k0 + j*P + sub
