@@ -72,7 +72,7 @@ GB = 1e9  # bandwidths: datasheet GB/s are decimal
 GIB = 2 ** 30  # capacities: datasheet "GB" of GPU memory are binary (80 GB HBM = 5 × 16 GiB stacks)
 NAME = re.compile(r"^[a-z0-9_]+$")  # profile names become column names: projected_tokens_per_s_<name>
 DISTINCT_MODELS = ("scaled", "fraction")
-SUPPORTED_MODEL_TYPES = ("qwen3_moe",)  # families whose parameter shapes ModelShapes knows
+SHAPE_MODEL_TYPES = ("qwen3_moe",)  # families whose parameter shapes ModelShapes knows
 
 
 class CostModelError(ValueError):
@@ -103,9 +103,9 @@ class ModelShapes:
     @classmethod
     def from_config(cls, cfg: Mapping, name: str = "") -> "ModelShapes":
         where = f"model config {name!r}" if name else "model config"
-        if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        if cfg.get("model_type") not in SHAPE_MODEL_TYPES:
             raise CostModelError(f"{where}: model_type {cfg.get('model_type')!r}; the cost model knows the shapes of "
-                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+                                 f"{', '.join(SHAPE_MODEL_TYPES)}")
 
         def need(key):
             if cfg.get(key) is None:
@@ -270,7 +270,7 @@ def _require(record: Mapping, keys, what: str) -> None:
     if missing:
         raise CostModelError(f"{what}: missing {missing}. Cells evaluated before the cost model existed have no "
                              f"traffic counts (rebuild them: snakemake --forcerun evaluate); cells of a model family "
-                             f"other than {', '.join(SUPPORTED_MODEL_TYPES)} have no shape columns")
+                             f"other than {', '.join(SHAPE_MODEL_TYPES)} have no shape columns")
 
 
 def _isnull(v) -> bool:

@@ -15,11 +15,12 @@ from .data.prompts import build_prompt, get_preset, select_fewshot
 from .data.sources import load_split
 from .engine import generate_greedy
 from .grid import FULL_BITS, Cell, config_hash
-from .model import install_policy, load_model
+from .fast import FAST_BITS
+from .model import install_policy, load_model, resolve_device
 from .dynamic import DynamicPrecision, OffloadCache
 from .precision import apply_map, build_map, expert_versions, full_expert_bytes, layer_budgets, tier_bytes
 from .routing import RoutingContext
-from .costmodel import SUPPORTED_MODEL_TYPES, HostTrafficMeter, ModelShapes
+from .costmodel import SHAPE_MODEL_TYPES, HostTrafficMeter, ModelShapes
 from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
 from .data.gsm8k import gold_answer
 
@@ -40,14 +41,6 @@ def hardware_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"evaluate.device is {device!r} but CUDA is not available on this machine")
-    return device
-
-
 FAST_PRECISION_POLICIES = ("full", "uniform", "hotcold")  # static maps; online policies run on the reference engine
 
 
@@ -55,14 +48,13 @@ def resolve_engine(requested: str, device: str, precision_policy: str, widths: s
     """'fast' or 'reference' for this cell. auto = fast on CUDA for what the fast engine serves, else reference
     (the choice is recorded in the `engine` column of every result row). The fast kernels compute in bfloat16, so
     it also needs model.dtype: bfloat16 — never a silent change of the compute dtype between cells of a sweep."""
-    fast_bits = (16, 8, 4, 2)  # fast.kernels.FAST_BITS, not imported here: triton is only needed on the fast path
     reason = None
     if not device.startswith("cuda"):
         reason = "it needs CUDA"
     elif precision_policy not in FAST_PRECISION_POLICIES:
         reason = f"precision policy {precision_policy!r} runs on the reference engine (fast serves {FAST_PRECISION_POLICIES})"
-    elif not widths <= set(fast_bits):
-        reason = f"widths {sorted(widths)} include one outside {fast_bits}"
+    elif not widths <= set(FAST_BITS):
+        reason = f"widths {sorted(widths)} include one outside {FAST_BITS}"
     elif dtype != "bfloat16":
         reason = f"model.dtype is {dtype!r} and the fast engine computes in 'bfloat16'"
     if requested == "fast" and reason:
@@ -121,7 +113,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     ev, ds, pr, mcfg = settings["evaluate"], settings["dataset"], settings["prompt"], settings["model"]
-    device = resolve_device(ev["device"])
+    device = resolve_device(ev["device"], "evaluate.device")
     pc = cell_rec.precision
     dtype = mcfg.get("dtype", "float32")
     engine = resolve_engine(ev.get("engine", "auto"), device, pc.policy, {pc.bits_high, pc.bits_low}, dtype)
@@ -206,10 +198,10 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
                            for P, c in zip(prompt_lengths, completions))
     model_cfg = model.config.to_dict()
     shapes = (ModelShapes.from_config(model_cfg, mcfg.get("name") or str(mcfg["id"]))
-              if model_cfg.get("model_type") in SUPPORTED_MODEL_TYPES else None)
+              if model_cfg.get("model_type") in SHAPE_MODEL_TYPES else None)
     if shapes is None:
         log.warning("cost model: no shapes for model_type %r (supported: %s); its shape columns stay null and "
-                    "the cost model will refuse this cell", model_cfg.get("model_type"), ", ".join(SUPPORTED_MODEL_TYPES))
+                    "the cost model will refuse this cell", model_cfg.get("model_type"), ", ".join(SHAPE_MODEL_TYPES))
     steps = timing.decode_steps
     if any(s.decode_calls != steps for s in context.stats.values()):
         raise RuntimeError(f"decode calls per layer {[s.decode_calls for s in context.stats.values()]} differ from the "

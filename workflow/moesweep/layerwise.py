@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -140,15 +139,10 @@ def skeleton(model_id: str, dtype: str = "float32", revision: str | None = None,
     """(checkpoint, model on the meta device, adapter): the model's structure without any weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import ADAPTERS, ModelError, read_model_type
+    from .model import adapter_class, attach_adapter
 
-    if trust_remote_code:  # as model.load_model: code from the checkpoint is never run silently
-        warnings.warn(f"trust_remote_code is on for {model_id}: code from the checkpoint will run", stacklevel=2)
-    model_type = read_model_type(model_id, revision)
-    if model_type not in ADAPTERS:
-        raise ModelError(f"model.id {model_id!r} has model_type {model_type!r}, which is not a supported MoE family; "
-                         f"supported: {', '.join(sorted(ADAPTERS))}")
-    ckpt = LazyCheckpoint(model_id, revision, ADAPTERS[model_type])
+    cls = adapter_class(model_id, revision, trust_remote_code)
+    ckpt = LazyCheckpoint(model_id, revision, cls)
     config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=trust_remote_code)
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
     if isinstance(torch_dtype, str):
@@ -156,10 +150,7 @@ def skeleton(model_id: str, dtype: str = "float32", revision: str | None = None,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    adapter = ADAPTERS[model_type](model)
-    if not adapter.layers():  # as model.load_model: a dense checkpoint has nothing to calibrate or profile
-        raise ModelError(f"model.id {model_id!r}: no MoE layers found")
-    return ckpt, model, adapter, torch_dtype
+    return ckpt, model, attach_adapter(cls, model, model_id), torch_dtype
 
 
 def _mask_functions(config, num_layers: int) -> tuple[list[str], dict]:

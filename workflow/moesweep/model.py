@@ -196,17 +196,38 @@ def read_model_type(model_id: str, revision: str | None = None) -> str:
     return cfg.model_type
 
 
-def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
-               trust_remote_code: bool = False):
-    """Return (model, tokenizer, adapter) for a supported MoE checkpoint (local path or hub id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_device(device: str | None, key: str = "device") -> str:
+    """`auto` (or unset) = CUDA when present, else the CPU; an explicit CUDA device without CUDA is an error."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{key}: device {device!r} requested but CUDA is not available on this machine")
+    return device
 
+
+def adapter_class(model_id: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The family adapter of a supported MoE checkpoint, decided from its config before any weight is read."""
     if trust_remote_code:
-        warnings.warn(f"trust_remote_code is on for {model_id}: code from the checkpoint will run", stacklevel=2)
+        warnings.warn(f"trust_remote_code is on for {model_id}: code from the checkpoint will run", stacklevel=3)
     model_type = read_model_type(model_id, revision)
     if model_type not in ADAPTERS:
         raise ModelError(f"model.id {model_id!r} has model_type {model_type!r}, which is not a supported MoE family; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return ADAPTERS[model_type]
+
+
+def attach_adapter(cls, model, model_id: str):
+    """`cls(model)`, refusing a checkpoint without MoE layers (nothing to route, calibrate or profile)."""
+    adapter = cls(model)
+    if not adapter.layers():
+        raise ModelError(f"model.id {model_id!r}: no MoE layers found")
+    return adapter
+
+
+def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, left-padding (batched greedy decoding and calibration batches alike)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -214,14 +235,21 @@ def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revis
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_id: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
+               trust_remote_code: bool = False):
+    """Return (model, tokenizer, adapter) for a supported MoE checkpoint (local path or hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = adapter_class(model_id, revision, trust_remote_code)
+    tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     model.to(device).eval()
-    adapter = ADAPTERS[model_type](model)
-    if not adapter.layers():
-        raise ModelError(f"model.id {model_id!r}: no MoE layers found")
-    return model, tokenizer, adapter
+    return model, tokenizer, attach_adapter(cls, model, model_id)
 
 
 def install_policy(adapter, policy, context: RoutingContext, skip_betas: dict[int, float] | None = None) -> None:

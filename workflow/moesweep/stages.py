@@ -16,19 +16,11 @@ from . import io
 from .calibrate import _batches, collect_calibration_layerwise, profile_hotness_layerwise
 from .data.sources import CALIBRATION_FORMATS, SYNTHETIC, load_split, text_chunks, training_text
 from .grid import config_hash
-from .model import model_fingerprint
+from .model import load_tokenizer, model_fingerprint, resolve_device
 
 log = logging.getLogger(__name__)
 CALIBRATION_FORMAT = "moesweep-calibration"
 CALIBRATION_VERSION = "1"
-
-
-def _device(name: str | None) -> str:
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
-    return name
 
 
 def _skeleton(model_cfg: dict):
@@ -39,19 +31,7 @@ def _skeleton(model_cfg: dict):
 
 
 def _tokenizer(model_cfg: dict):
-    from transformers import AutoTokenizer
-
-    from .model import ModelError
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model_cfg["id"], revision=model_cfg.get("revision"),
-                                            trust_remote_code=model_cfg.get("trust_remote_code", False))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.id {model_cfg['id']!r}: tokenizer missing or unreadable ({err})") from None
-    tok.padding_side = "left"  # as model.load_model: the calibration batches must be the same
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(model_cfg["id"], model_cfg.get("revision"), model_cfg.get("trust_remote_code", False))
 
 
 def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer) -> list:
@@ -80,11 +60,10 @@ def _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed) -> dict:
             **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
 
 
-def _layerwise_runners(model_cfg, calib_cfg, samples, device):
+def _layerwise_runners(model_cfg, calib_cfg, samples, tokenizer, device):
     """(skeleton adapter, {"calibration": LayerwiseModel, "heldout": LayerwiseModel}) sharing one skeleton."""
     from .layerwise import LayerwiseModel
 
-    tokenizer = _tokenizer(model_cfg)
     ckpt, model, adapter, dtype = _skeleton(model_cfg)
     n = calib_cfg["n_samples"]
     bs, max_length = calib_cfg.get("batch_size", 8), calib_cfg["max_length"]
@@ -99,9 +78,10 @@ def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: i
     never loaded whole; the Hessians of all layers are kept until written (for Qwen3-30B-A3B that is
     2 x 118 GB: use quantization.fused there, which never stores them)."""
     torch.manual_seed(seed)
-    samples = calibration_samples(dataset_cfg, calib_cfg, seed, _tokenizer(model_cfg))
-    device = _device(calib_cfg.get("device", "cpu"))
-    _, adapter, _, runners = _layerwise_runners(model_cfg, calib_cfg, samples, device)
+    tokenizer = _tokenizer(model_cfg)
+    samples = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
+    device = resolve_device(calib_cfg.get("device", "cpu"), "calibration.device")
+    _, adapter, _, runners = _layerwise_runners(model_cfg, calib_cfg, samples, tokenizer, device)
     results = collect_calibration_layerwise(runners, adapter, calib_cfg.get("expert_inputs", "routed"),
                                             progress=progress)
     meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
@@ -229,7 +209,7 @@ def _quantize_projection(layer: int, name: str, weight, hessian, counts, counts_
     return out
 
 
-def _expert_shapes(adapter, model) -> dict[str, tuple[int, int, int]]:
+def _expert_shapes(adapter) -> dict[str, tuple[int, int, int]]:
     return {f"layers.{l.index}.{name}": tuple(getattr(l.experts, name).shape)
             for l in adapter.layers() for name in adapter.projections}
 
@@ -242,14 +222,14 @@ def quantize_stage(model_cfg: dict, quant_cfg: dict, bits: int, method: str, hes
     from .quant import QuantizedWriter
 
     spec = _spec(quant_cfg, bits, method)
-    device = _device(quant_cfg.get("device", "cpu"))
+    device = resolve_device(quant_cfg.get("device", "cpu"), "quantization.device")
     cal = CalibrationReader(hessians_path, model_cfg["id"])
     held = CalibrationReader(heldout_path, model_cfg["id"])
-    ckpt, model, adapter, dtype = _skeleton(model_cfg)
+    ckpt, _, adapter, dtype = _skeleton(model_cfg)
     meta = {"model_id": str(model_cfg["id"]), "calibration_config_hash": cal.meta.get("config_hash", ""),
             "config_hash": config_hash(model_cfg, quant_cfg, bits, method)}
     rows = []
-    with QuantizedWriter(out_weights, spec, _expert_shapes(adapter, model), meta) as writer:
+    with QuantizedWriter(out_weights, spec, _expert_shapes(adapter), meta) as writer:
         for layer in adapter.layers():
             # Cast to the model dtype first, as the whole-model path's from_pretrained(dtype=...) did.
             weights = {k: v.to(device).float() for k, v in ckpt.experts(layer.index, dtype).items()}
@@ -278,12 +258,13 @@ def fused_quantize_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, qu
     from .quant import QuantizedWriter
 
     torch.manual_seed(seed)
-    samples = calibration_samples(dataset_cfg, calib_cfg, seed, _tokenizer(model_cfg))
-    device = _device(quant_cfg.get("device", calib_cfg.get("device", "cpu")))
+    tokenizer = _tokenizer(model_cfg)
+    samples = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
+    device = resolve_device(quant_cfg.get("device", calib_cfg.get("device", "cpu")), "quantization.device")
     specs = [_spec(quant_cfg, b, method) for b in widths]
-    ckpt, adapter, dtype, runners = _layerwise_runners(model_cfg, calib_cfg, samples, device)
+    ckpt, adapter, dtype, runners = _layerwise_runners(model_cfg, calib_cfg, samples, tokenizer, device)
     cal_meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
-    shapes = _expert_shapes(adapter, adapter.model)
+    shapes = _expert_shapes(adapter)
     writers = {s.bits: QuantizedWriter(out_weights[s.bits], s, shapes, {
         "model_id": str(model_cfg["id"]), "calibration_config_hash": cal_meta["config_hash"],
         "config_hash": config_hash(model_cfg, quant_cfg, s.bits, method)}) for s in specs}
@@ -324,7 +305,7 @@ def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: i
 
     torch.manual_seed(seed)
     problems = load_split(dataset_cfg, "train", profile_cfg["n_samples"], seed, "profile")
-    device = _device(profile_cfg.get("device", "cpu"))
+    device = resolve_device(profile_cfg.get("device", "cpu"), "profile.device")
     tokenizer = _tokenizer(model_cfg)
     ckpt, model, adapter, dtype = _skeleton(model_cfg)
     batches = _batches(tokenizer, [training_text(p) for p in problems], profile_cfg["max_length"],

@@ -11,7 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from moesweep.checks import ConfigError, check_config  # noqa: E402
 from moesweep.grid import GridError, expand_grid  # noqa: E402
-from moesweep.costmodel import CostModelError, load_cost_model  # noqa: E402
+from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -22,7 +22,7 @@ except (GridError, ConfigError) as err:
     raise WorkflowError(f"invalid config: {err}")
 CELL_BY_ID = {c.id: c for c in CELLS}
 # Cost model: shipped hardware profiles + the config's extra ones, checked now so a bad profile stops the DAG.
-HARDWARE_FILE = str(Path(workflow.basedir) / "config" / "hardware.yaml")
+HARDWARE_FILE = str(SHIPPED_HARDWARE_FILE)
 try:
     COST_MODEL = load_cost_model(config["cost_model"], HARDWARE_FILE) if config.get("cost_model") else None
 except CostModelError as err:

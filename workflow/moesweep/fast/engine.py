@@ -197,9 +197,7 @@ class FastQwen3MoeEngine:
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _ensure_cache(self, batch: int, length: int):
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (len(self.layers), batch, cfg.num_key_value_heads, length, head_dim)
+        shape = (len(self.layers), batch, self.model.config.num_key_value_heads, length, self._head_dim)
         if self._cache is None or any(a < b for a, b in zip(self._cache[0].shape, shape)):
             self._graphs.clear()
             # zeros, not empty: masked keys still enter the attention product, and 0 * NaN would be NaN

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-FAST_BITS = (16, 8, 4, 2)  # 3-bit codes straddle bytes; the quantize stage can make them, these kernels cannot
+from . import FAST_BITS
 
 
 @dataclass
@@ -40,17 +40,14 @@ class ExpertTier:
     group_size: int  # input columns per scale group (= K for per-channel)
     in_features: int  # K
 
+    def __post_init__(self):
+        if self.bits not in FAST_BITS:
+            raise ValueError(f"the fast engine serves expert widths {FAST_BITS}; {self.bits}-bit experts need "
+                             f"evaluate.engine: reference")
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[1]
-
-    def nbytes_per_expert(self) -> int:
-        per = self.weight[0].numel() * self.weight.element_size()
-        if self.scales is not None:
-            per += self.scales[0].numel() * self.scales.element_size()
-        if self.zeros is not None:
-            per += self.zeros[0].numel()
-        return per
 
 
 @triton.jit
@@ -199,8 +196,6 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     routed_weight [A] (float32): multiplies each assignment's row (the down projection).
     slot_of_expert int32 [E]: the expert's slot in `tier`, -1 when another tier serves it.
     """
-    if tier.bits not in FAST_BITS:
-        raise ValueError(f"fast expert kernels support widths {FAST_BITS}, got {tier.bits}")
     n_out = tier.out_features // 2 if gate_up else tier.out_features
     bm, bn, bk = tile_sizes(tier.bits, out.shape[0], slot_of_expert.shape[0])
     if bm != block_m:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..grid import FULL_BITS
-from .kernels import FAST_BITS, ExpertTier, align_assignments, grouped_expert_matmul, tile_sizes
+from .kernels import ExpertTier, align_assignments, grouped_expert_matmul, tile_sizes
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -18,9 +18,6 @@ PROJECTIONS = ("gate_up_proj", "down_proj")
 def quantized_tier(q, device) -> ExpertTier:
     """An ExpertTier over a quant.core.QuantizedExperts (all experts), moved to `device` as stored."""
     E, _, n_in = q.shape
-    if q.spec.bits not in FAST_BITS:
-        raise ValueError(f"the fast engine serves expert widths {FAST_BITS}; {q.spec.bits}-bit experts need "
-                         f"evaluate.engine: reference")
     zeros = None if q.spec.symmetric else q.zeros.to(device)
     return ExpertTier(q.spec.bits, q.codes.to(device), q.scales.to(device), zeros, q.spec.columns_per_group(n_in), n_in)
 
@@ -73,7 +70,3 @@ class FastMoeExperts:
         for slots, _, down in self.tiers:
             grouped_expert_matmul(h, y, sorted_assign, block_expert, slots, down, 1, block_m, routed_weight=routed)
         return y
-
-    def weight_bytes_by_width(self) -> dict[int, int]:
-        """Bytes one expert of each width occupies (gate_up + down, with scales and zeros)."""
-        return {gu.bits: gu.nbytes_per_expert() + dn.nbytes_per_expert() for _, gu, dn in self.tiers}
