@@ -46,9 +46,36 @@ class LayerRoutingStats:
     distinct_experts_decode: int = 0  # Σ over decode calls of distinct experts with ≥ 1 kept assignment
     distinct_high_decode: int = 0  # of those, experts at high precision (hot mask) during that call
 
+    COUNTERS = ("tokens", "routed", "dropped", "hot_hits", "decode_calls", "decode_tokens", "decode_kept",
+                "distinct_experts_decode", "distinct_high_decode")  # the order of routing_increments' counts
+
     def __post_init__(self):
         if self.load is None:
             self.load = torch.zeros(self.num_experts, dtype=torch.long)
+
+    def add(self, counts, load: torch.Tensor) -> None:
+        """Add one call's (or a whole run's) counters, in COUNTERS order, and per-expert load."""
+        for name, value in zip(self.COUNTERS, counts):
+            setattr(self, name, getattr(self, name) + int(value))
+        self.load += load
+
+
+def routing_increments(valid, keep_policy, keep, index, hot, num_experts: int, decode: bool):
+    """One forward call's routing accounting, on the device and without host synchronisation (so the fast engine
+    can run it inside a captured graph): (counts int64 [len(LayerRoutingStats.COUNTERS)], kept assignments per
+    expert [E]). Decode counters stay 0 for other calls; an expert is read once per call however many tokens it
+    serves, so distinct experts hit = expert weight traffic."""
+    kept = torch.where(keep, index, num_experts).flatten()
+    hits = torch.zeros(num_experts + 1, dtype=torch.int64, device=index.device)
+    hits.scatter_add_(0, kept, torch.ones_like(kept))
+    hits = hits[:-1]
+    hot = hot if hot is not None else torch.zeros_like(hits, dtype=torch.bool)
+    zero = torch.zeros((), dtype=torch.int64, device=index.device)
+    hit = hits > 0
+    values = [valid.sum(), keep_policy.sum(), (keep_policy & ~keep).sum(), (hits * hot).sum()]
+    values += ([torch.ones_like(zero), valid.sum(), hits.sum(), hit.sum(), (hit & hot).sum()] if decode
+               else [zero] * 5)
+    return torch.stack(values), hits
 
 
 class RoutingContext:
@@ -191,27 +218,16 @@ class PolicyRouter(nn.Module):
     @torch.no_grad()
     def _account(self, index, keep_policy, keep, valid, T):
         stats = self.context.stats.setdefault(self.layer, LayerRoutingStats(self.num_experts))
-        stats.tokens += int(valid.sum()) if valid is not None else T
-        stats.routed += int(keep_policy.sum())
-        stats.dropped += int((keep_policy & ~keep).sum())
-        kept_experts = index[keep]
-        counts = torch.bincount(kept_experts, minlength=self.num_experts)
-        stats.load += counts.cpu()
-        hot = self.context.hot_masks.get(self.layer)  # live view: dynamic precision updates it in place
-        if hot is not None:
-            stats.hot_hits += int(hot[kept_experts].sum())
         phase = getattr(self.context, "phase", None)  # None outside the engine (calibration, profiling, tests)
         if phase not in (None, "prefill", "decode"):
             raise ValueError(f"routing context phase {phase!r}; allowed: 'prefill', 'decode' or None")
-        if phase == "decode":
-            # an expert is read once per call however many tokens it serves: distinct experts = weight traffic
-            hit = counts > 0
-            stats.decode_calls += 1
-            stats.decode_tokens += int(valid.sum()) if valid is not None else T
-            stats.decode_kept += int(counts.sum())
-            stats.distinct_experts_decode += int(hit.sum())
-            if hot is not None:
-                stats.distinct_high_decode += int((hit & hot.to(hit.device)).sum())
+        if valid is None:
+            valid = torch.ones(T, dtype=torch.bool, device=index.device)
+        hot = self.context.hot_masks.get(self.layer)  # live view: dynamic precision updates it in place
+        counts, hits = routing_increments(valid, keep_policy, keep, index,
+                                          None if hot is None else hot.to(index.device), self.num_experts,
+                                          phase == "decode")
+        stats.add(counts.tolist(), hits.cpu())  # one host copy per call for all counters
 
 
 def sparse_experts_forward(self, hidden_states, top_k_index, top_k_weights):

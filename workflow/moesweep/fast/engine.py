@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..engine import Completion, GenerationTiming, _finish, length_sorted_batches
 from ..grid import Routing
-from ..routing import LayerRoutingStats, policy_k, route
+from ..routing import LayerRoutingStats, policy_k, route, routing_increments
 from .kernels import align_assignments
 from .moe import FastMoeExperts
 
@@ -62,31 +62,13 @@ def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, 
     return x, h, weights, sorted_assign, block_expert, counts, hits
 
 
-def routing_increments(valid, keep_policy, keep, index, hot, num_experts: int, decode: bool):
-    """This call's additions to DeviceRoutingStats: (counts [len(COUNTERS)], kept assignments per expert [E])."""
-    kept = torch.where(keep, index, num_experts).flatten()
-    hits = torch.zeros(num_experts + 1, dtype=torch.int64, device=index.device)
-    hits.scatter_add_(0, kept, torch.ones_like(kept))
-    hits = hits[:-1]
-    hot = hot if hot is not None else torch.zeros_like(hits, dtype=torch.bool)
-    zero = torch.zeros((), dtype=torch.int64, device=index.device)
-    hit = hits > 0
-    values = [valid.sum(), keep_policy.sum(), (keep_policy & ~keep).sum(), (hits * hot).sum()]
-    values += ([torch.ones_like(zero), valid.sum(), hits.sum(), hit.sum(), (hit & hot).sum()] if decode
-               else [zero] * 5)
-    return torch.stack(values), hits
-
-
 class DeviceRoutingStats:
-    """Routing accounting kept on the device (graph-safe, no host sync), read into LayerRoutingStats at the end.
-    Same counters and meaning as routing.PolicyRouter._account; decode_* count decode calls only."""
-
-    COUNTERS = ("tokens", "routed", "dropped", "hot_hits", "decode_calls", "decode_tokens", "decode_kept",
-                "distinct_experts_decode", "distinct_high_decode")
+    """Routing accounting kept on the device (graph-safe, no host sync), read into LayerRoutingStats at the end:
+    the same routing_increments as the reference engine's PolicyRouter, summed on the device."""
 
     def __init__(self, layers: list[int], num_experts: int, device):
         self.layers, self.num_experts = layers, num_experts
-        self.counts = torch.zeros(len(self.COUNTERS), len(layers), dtype=torch.int64, device=device)
+        self.counts = torch.zeros(len(LayerRoutingStats.COUNTERS), len(layers), dtype=torch.int64, device=device)
         self.load = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
 
     def reset(self):
@@ -98,9 +80,7 @@ class DeviceRoutingStats:
         out = {}
         for i, layer in enumerate(self.layers):
             s = LayerRoutingStats(self.num_experts)
-            for name, row in zip(self.COUNTERS, counts):
-                setattr(s, name, int(row[i]))
-            s.load = load[i].clone()
+            s.add(counts[:, i].tolist(), load[i])
             out[layer] = s
         return out
 
