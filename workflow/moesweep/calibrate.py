@@ -201,35 +201,23 @@ def collect_calibration_layerwise(runners: dict, adapter, expert_inputs: str = "
 
 
 class _Hotness:
-    """Routed probability mass per (layer, expert) from forward hooks on the PolicyRouters; selections and
-    tokens come from the routing context's own accounting (PolicyRouter._account). The same code serves the
-    whole-model and the layer-by-layer pass, so both add the same float64 numbers in the same order."""
+    """Routed probability mass per (layer, expert): a routing-context observer that sees the selected experts'
+    router probabilities (before top-k renormalisation) the PolicyRouters already computed, as dynamic precision
+    does; selections and tokens come from the context's own accounting. The same code serves the whole-model
+    and the layer-by-layer pass, so both add the same float64 numbers in the same order."""
 
     def __init__(self, E: int, context: RoutingContext):
         self.E, self.context = E, context
         self.mass: dict[int, torch.Tensor] = {}
-        self._handles: dict[int, object] = {}
+        context.observers.append(self)
 
-    def _hook(self, layer_idx):
-        def fn(module, args, output):
-            logits, _, index = output
-            # Mass = the router's probability of each selected expert (before top-k renormalisation).
-            probs = torch.softmax(logits.float(), dim=-1).gather(1, index.clamp_max(self.E - 1))
-            valid = self.context.valid
-            keep = index < self.E
-            if valid is not None:
-                keep &= valid[:, None]
-            self.mass[layer_idx].index_add_(0, index[keep].cpu(), probs[keep].double().cpu())
-        return fn
+    def observe(self, layer: int, index: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        # keep already excludes padding and dropped assignments (route() applies context.valid)
+        mass = self.mass.setdefault(layer, torch.zeros(self.E, dtype=torch.float64))
+        mass.index_add_(0, index[keep].cpu(), probs[keep].double().cpu())
 
-    def attach(self, layer) -> None:
-        self.mass.setdefault(layer.index, torch.zeros(self.E, dtype=torch.float64))
-        self._handles[layer.index] = layer.router.register_forward_hook(self._hook(layer.index))
-
-    def detach(self, layer) -> None:
-        handle = self._handles.pop(layer.index, None)
-        if handle is not None:
-            handle.remove()
+    def end_call(self) -> None:
+        pass
 
     def rows(self) -> list[dict]:
         rows = []
@@ -254,16 +242,9 @@ def profile_hotness(model, tokenizer, adapter, texts: list[str], max_length: int
     context = RoutingContext()
     install_policy(adapter, Routing("native"), context)
     hot = _Hotness(adapter.num_experts, context)
-    layers = adapter.layers()
-    for l in layers:
-        hot.attach(l)
-    try:
-        for input_ids, attention, position in _batches(tokenizer, texts, max_length, batch_size, device):
-            context.valid = attention.bool().reshape(-1)
-            model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=False)
-    finally:
-        for l in layers:
-            hot.detach(l)
+    for input_ids, attention, position in _batches(tokenizer, texts, max_length, batch_size, device):
+        context.valid = attention.bool().reshape(-1)
+        model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=False)
     return hot.rows()
 
 
@@ -276,14 +257,5 @@ def profile_hotness_layerwise(runner, adapter, progress=None) -> list[dict]:
 
     context = RoutingContext()
     hot = _Hotness(adapter.num_experts, context)
-
-    @contextmanager
-    def observe(name, moe):
-        hot.attach(moe)
-        try:
-            yield
-        finally:
-            hot.detach(moe)
-
-    run_layerwise({"profile": runner}, adapter, {"profile": context}, observe, progress=progress)
+    run_layerwise({"profile": runner}, adapter, {"profile": context}, progress=progress)
     return hot.rows()
