@@ -32,6 +32,7 @@ class GenerationTiming:
     decode_tokens: int = 0  # generated tokens after the first one of each sequence
     prompt_tokens: int = 0  # real (non-padding) prompt tokens
     padded_prompt_tokens: int = 0  # prompt positions including padding
+    prompt_lengths: list[int] = field(default_factory=list)  # tokens of each prompt, in the caller's order
 
 
 def _sync(device):
@@ -60,8 +61,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 
     context = context or RoutingContext()
     eos = tokenizer.eos_token_id
-    _, batches = length_sorted_batches(tokenizer, prompts, batch_size)
-    timing = GenerationTiming()
+    lengths, batches = length_sorted_batches(tokenizer, prompts, batch_size)
+    timing = GenerationTiming(prompt_lengths=lengths)
     completions: dict[int, Completion] = {}
 
     for batch in (progress(batches, desc="batches") if progress else batches):

@@ -193,7 +193,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     completions, timing = runs[-1]  # greedy and deterministic: every repeat yields the same text
     # Cost-model inputs (costmodel.py). KV positions attended: sequence i's decode call j (1..G_i-1) attends its
     # P_i prompt tokens and j generated ones (no padding: what a paged engine reads).
-    prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]  # as the engine counts
+    prompt_lengths = timing.prompt_lengths  # as the engine tokenized them
     decode_positions = sum((c.generated_tokens - 1) * P + (c.generated_tokens - 1) * c.generated_tokens // 2
                            for P, c in zip(prompt_lengths, completions))
     model_cfg = model.config.to_dict()

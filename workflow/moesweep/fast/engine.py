@@ -232,7 +232,7 @@ class FastQwen3MoeEngine:
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None and stop_checks else -1
         lengths, batches = length_sorted_batches(tokenizer, prompts, batch_size)
         self._ensure_cache(min(batch_size, len(prompts)), max(lengths) + max_new_tokens)
-        timing = GenerationTiming()
+        timing = GenerationTiming(prompt_lengths=lengths)
         completions: dict[int, Completion] = {}
         for batch in (progress(batches, desc="batches") if progress else batches):
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
