@@ -82,13 +82,13 @@ def rtn_packed(weight: torch.Tensor, bits: int, group: int = 128):
                            zeros=zero.squeeze(-1).to(torch.uint8))
 
 
-def quantized_tiers(adapter, widths: set[int]) -> dict[int, dict]:
+def quantized_tiers(adapter, widths: set[int], group: int = 128) -> dict[int, dict]:
     out = {}
     for bits in sorted(widths - {16}):
         out[bits] = {}
         for l in adapter.layers():
             for name in ("gate_up_proj", "down_proj"):
-                out[bits][f"layers.{l.index}.{name}"] = rtn_packed(getattr(l.experts, name), bits)
+                out[bits][f"layers.{l.index}.{name}"] = rtn_packed(getattr(l.experts, name), bits, group)
     return out
 
 

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moesweep.dynamic import DynamicPrecision, OffloadCache
+from moesweep.dynamic import DynamicPrecision, OffloadCache, plan_transitions
+from moesweep.precision import BudgetError
 
 E, LAYERS = 8, [0, 1]
 BYTES = {16: {i: torch.full((E,), 1000) for i in LAYERS}, 8: {i: torch.full((E,), 520) for i in LAYERS},
@@ -21,7 +22,8 @@ def make(n_high=3, budget=None, **kw):
     for i in LAYERS:
         for n in ("gate_up_proj", "down_proj"):
             getattr(experts[i], n)[:] = torch.where(high[i][:, None, None], 8.0, 2.0)
-    budget = budget or {i: n_high * 520 + (E - n_high) * 140 for i in LAYERS}
+    # every expert's low version + a pool of n_high high slots (dynamic.py's memory model)
+    budget = budget or {i: E * 140 + n_high * 520 for i in LAYERS}
     hot = {i: torch.full((E,), 1 / E, dtype=torch.float64) for i in LAYERS}
     ctl = DynamicPrecision(experts, high, hot, versions, BYTES, 8, 2, budget, **kw)
     return ctl, experts
@@ -91,8 +93,25 @@ def test_budget_and_rate_limit_hold_at_every_step_of_a_random_simulation(seed, m
 
 
 def test_budget_violation_is_caught():
-    with pytest.raises(AssertionError, match="exceed the budget"):
-        make(n_high=4, budget={i: 100 for i in LAYERS})
+    with pytest.raises(AssertionError, match="4 high-precision experts in 2 slots"):
+        make(n_high=4, budget={i: E * 140 + 2 * 520 + 519 for i in LAYERS})
+    with pytest.raises(BudgetError, match="below the 1120 bytes of every expert at the low width"):
+        make(n_high=0, budget={i: 1000 for i in LAYERS})
+
+
+def test_pool_slots_follow_the_budget():
+    ctl, _ = make(n_high=3)
+    assert ctl.slots == {0: 3, 1: 3} and ctl.allocated_bytes(0) == E * 140 + 3 * 520 == ctl.budget[0]
+
+
+def test_plan_transitions_hysteresis_and_rate_limit():
+    score = torch.tensor([0.10, 0.30, 0.05, 0.50, 0.29], dtype=torch.float64)
+    high = torch.tensor([True, True, True, False, False])
+    # hottest outsider 3 (0.50) vs weakest incumbent 2 (0.05), then 4 (0.29) vs 0 (0.10)
+    assert plan_transitions(score, high, 0.0, 4) == [(2, 3), (0, 4)]
+    assert plan_transitions(score, high, 0.0, 1) == [(2, 3)]
+    assert plan_transitions(score, high, 0.2, 4) == [(2, 3)]  # 0.29 does not lead 0.10 by more than 0.2
+    assert plan_transitions(score, high, 0.5, 4) == []
 
 
 def test_offload_cache_counts_lru_misses():
@@ -100,5 +119,14 @@ def test_offload_cache_counts_lru_misses():
     for experts in ([0, 1], [0, 1], [2], [0], [1]):
         idx = torch.tensor(experts)[:, None]
         cache.observe(0, idx, torch.ones(len(experts), 1), torch.ones(len(experts), 1, dtype=torch.bool))
-    # calls: miss 0, miss 1 | hit 0, hit 1 | miss 2 (evicts 0) | miss 0 (evicts 1) | miss 1
+    # calls: miss 0, miss 1 | hit 0, hit 1 | miss 2 (evicts 0) | miss 0 (evicts 1) | miss 1 (evicts 2)
     assert (cache.misses, cache.hits, cache.bytes_moved) == (5, 2, 500)
+    assert dict(cache.resident[0]) == {0: 1, 1: 0}  # expert -> slot: each fetch reuses the evicted one's slot
+
+
+def test_offload_touch_returns_fetches_into_evicted_slots():
+    cache = OffloadCache({0: torch.full((6,), 100)}, {0: 300})  # three slots
+    assert cache.touch(0, [0, 1, 2]) == [(0, 0), (1, 1), (2, 2)]
+    assert cache.touch(0, [1, 4]) == [(4, 0)]  # 0 was least recently used
+    # more experts than slots in one call: its own earlier experts are evicted as it goes
+    assert cache.touch(0, [0, 2, 3, 5]) == [(0, 2), (2, 1), (3, 0), (5, 2)]  # 5 evicts 0, fetched this call

@@ -42,7 +42,7 @@ def run(random_checkpoint, stages, tmp_path, precision):
 def test_budget_everything_equals_full_precision(random_checkpoint, stages, tmp_path):
     _, full, _ = run(random_checkpoint, stages, tmp_path, {"policy": "full"})
     summary, dyn, trace = run(random_checkpoint, stages, tmp_path,
-                              {"policy": "dynamic", "bits_high": 16, "bits_low": 2, "memory_budget": 1.0, "update_every": 2})
+                              {"policy": "dynamic", "bits_high": 16, "bits_low": 2, "memory_budget": 2.0, "update_every": 2})
     assert dyn["completion"].tolist() == full["completion"].tolist()
     assert summary["high_precision_hit_rate"] == 1.0 and summary["transitions"] == 0
     assert summary["decisions"] >= 1 and len(trace) == 2 * (summary["decisions"] + 1)

@@ -54,14 +54,13 @@ def test_local_file_without_fewshot_source_is_refused(random_checkpoint, tmp_pat
 def test_resolve_engine_auto_and_explicit_choices():
     from moesweep.evaluate import resolve_engine
 
-    assert resolve_engine("auto", "cuda", "hotcold", {8, 2}, "bfloat16") == "fast"
-    assert resolve_engine("auto", "cpu", "full", {16}, "float32") == "reference"
-    assert resolve_engine("auto", "cuda", "dynamic", {8, 2}, "bfloat16") == "reference"  # online policy
-    assert resolve_engine("auto", "cuda", "uniform", {3}, "bfloat16") == "reference"  # 3-bit codes
-    assert resolve_engine("auto", "cuda", "full", {16}, "float32") == "reference"  # no silent dtype change
-    assert resolve_engine("reference", "cuda", "full", {16}, "bfloat16") == "reference"
-    for args, why in [(("cpu", "full", {16}, "bfloat16"), "needs CUDA"),
-                      (("cuda", "offload", {16}, "bfloat16"), "reference engine"),
-                      (("cuda", "full", {16}, "float32"), "bfloat16")]:
+    assert resolve_engine("auto", "cuda", {8, 2}, "bfloat16") == "fast"
+    assert resolve_engine("auto", "cpu", {16}, "float32") == "reference"
+    assert resolve_engine("auto", "cuda", {3}, "bfloat16") == "reference"  # 3-bit codes
+    assert resolve_engine("auto", "cuda", {16}, "float32") == "reference"  # no silent dtype change
+    assert resolve_engine("reference", "cuda", {16}, "bfloat16") == "reference"
+    for args, why in [(("cpu", {16}, "bfloat16"), "needs CUDA"),
+                      (("cuda", {8, 3}, "bfloat16"), "include one outside"),
+                      (("cuda", {16}, "float32"), "bfloat16")]:
         with pytest.raises(ValueError, match=why):
             resolve_engine("fast", *args)

@@ -54,7 +54,7 @@ def _routing(T, k, seed, drop=0.2):
 def _run(widths, quantized, gate_up, down, T=6, k=3, seed=1):
     experts = _Experts(gate_up.to(DEVICE, DTYPE), down.to(DEVICE, DTYPE))
     layer = {b: {"gate_up_proj": quantized[b][0], "down_proj": quantized[b][1]} for b in quantized}
-    fast = FastMoeExperts(experts, widths, layer)
+    fast = FastMoeExperts.static(experts, widths, layer)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
     index, weights = _routing(T, k, seed)
     got = fast(x.to(DEVICE, DTYPE), index.to(DEVICE), weights.to(DEVICE)).float().cpu()

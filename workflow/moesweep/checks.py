@@ -194,4 +194,5 @@ def check_config(config: dict, cells: list[Cell]) -> None:
             if p.memory_budget < need:
                 raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} is below the smallest feasible "
                                   f"{need:.4f} (all experts at {p.bits_low} bit, group size "
-                                  f"{config['quantization']['group_size']}); allowed: {need:.4f}..1")
+                                  f"{config['quantization']['group_size']}); allowed: {need:.4f}.."
+                                  f"{1 if p.policy == 'hotcold' else 2}")

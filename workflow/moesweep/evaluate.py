@@ -41,18 +41,13 @@ def hardware_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-FAST_PRECISION_POLICIES = ("full", "uniform", "hotcold")  # static maps; online policies run on the reference engine
-
-
-def resolve_engine(requested: str, device: str, precision_policy: str, widths: set[int], dtype: str) -> str:
+def resolve_engine(requested: str, device: str, widths: set[int], dtype: str) -> str:
     """'fast' or 'reference' for this cell. auto = fast on CUDA for what the fast engine serves, else reference
     (the choice is recorded in the `engine` column of every result row). The fast kernels compute in bfloat16, so
     it also needs model.dtype: bfloat16 — never a silent change of the compute dtype between cells of a sweep."""
     reason = None
     if not device.startswith("cuda"):
         reason = "it needs CUDA"
-    elif precision_policy not in FAST_PRECISION_POLICIES:
-        reason = f"precision policy {precision_policy!r} runs on the reference engine (fast serves {FAST_PRECISION_POLICIES})"
     elif not widths <= set(FAST_BITS):
         reason = f"widths {sorted(widths)} include one outside {FAST_BITS}"
     elif dtype != "bfloat16":
@@ -116,7 +111,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     device = resolve_device(ev["device"], "evaluate.device")
     pc = cell_rec.precision
     dtype = mcfg.get("dtype", "float32")
-    engine = resolve_engine(ev.get("engine", "auto"), device, pc.policy, {pc.bits_high, pc.bits_low}, dtype)
+    engine = resolve_engine(ev.get("engine", "auto"), device, {pc.bits_high, pc.bits_low}, dtype)
 
     problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
     preset = get_preset(pr["preset"])
@@ -133,7 +128,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
     pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness)
     online = pc.policy in ("dynamic", "frozen", "offload")
-    versions = expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low}) if pc.policy in ("dynamic", "frozen") else None
+    versions = (expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low})
+                if engine == "reference" and pc.policy in ("dynamic", "frozen") else None)
     if engine == "reference":
         apply_map(adapter, pmap, quantized)  # the fast engine reads the packed tiers themselves
     betas = None
@@ -145,9 +141,24 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     if pc.policy == "hotcold":
         context.hot_masks = pmap.hot_masks(pc.bits_high)
 
+    full = bytes_by_tier[FULL_BITS]
+    online_device = None  # the fast engine's controller (fast/pools.py), built once and reset per repeat
+    if engine == "fast" and pc.policy == "offload":
+        from .fast.pools import DeviceOffload
+
+        online_device = DeviceOffload(adapter, full, layer_budgets(pc, full))
+    elif engine == "fast" and online:
+        from .fast.pools import DevicePrecisionPools
+
+        online_device = DevicePrecisionPools(adapter, quantized, pc.bits_high, pc.bits_low, pmap.hot_masks(pc.bits_high),
+                                             shares, bytes_by_tier, layer_budgets(pc, full), pc.alpha, pc.update_every,
+                                             pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
+
     def fresh_controller():
         """A controller in its starting state (re-applied before every repeat, so repeats are identical)."""
-        full = bytes_by_tier[FULL_BITS]
+        if online_device is not None:
+            online_device.reset()
+            return online_device
         if pc.policy == "offload":
             return OffloadCache(full, layer_budgets(pc, full))
         experts = {l.index: l.experts for l in adapter.layers()}
@@ -159,14 +170,17 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         from .fast.engine import FastQwen3MoeEngine
 
         fast = FastQwen3MoeEngine(model, adapter, cell_rec.routing, pmap.bits, quantized, betas,
-                                  pmap.hot_masks(pc.bits_high) if pc.policy == "hotcold" else None)
+                                  pmap.hot_masks(pc.bits_high) if pc.policy == "hotcold" else None, online=online_device)
 
     def generate(prompts_, max_new_tokens, progress_=None):
         if engine == "reference":
             return generate_greedy(model, tokenizer, prompts_, max_new_tokens, ev["batch_size"], preset.stop, context,
                                    device, progress_)
         fast.reset_stats()
-        out = fast.generate(tokenizer, prompts_, max_new_tokens, ev["batch_size"], preset.stop, progress=progress_)
+        out = fast.generate(tokenizer, prompts_, max_new_tokens, ev["batch_size"], preset.stop, progress=progress_,
+                            context=context)
+        if online_device is not None:
+            online_device.finish()  # copies still in flight (after the clocks stopped)
         context.stats = fast.routing_stats()
         return out
 
@@ -186,7 +200,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
             meter = HostTrafficMeter((lambda c=controller: c.bytes_moved) if pc.policy == "offload"
                                      else (lambda c=controller: c.stats.bytes_moved), context)
             context.observers.append(meter)  # after the controller: sees the transitions it makes at a call's end
-            if pc.policy != "offload":
+            if pc.policy != "offload" and engine == "reference":
                 context.hot_masks = controller.high  # live: updated in place by every transition
         completions, timing = generate(prompts, pr["max_new_tokens"], progress)
         runs.append((completions, timing))
@@ -207,6 +221,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         raise RuntimeError(f"decode calls per layer {[s.decode_calls for s in context.stats.values()]} differ from the "
                            f"engine's {steps} decode steps")
 
+    dynamic_stats = pc.policy in ("dynamic", "frozen")  # controller.stats is a dynamic.DynamicStats
     rows = []
     for p, c in zip(problems, completions):
         gold = gold_answer(p["answer"])
@@ -267,11 +282,14 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "alpha": pc.alpha, "update_every": pc.update_every, "delta": pc.delta, "rate_limit": pc.rate_limit,
         "decisions": getattr(getattr(controller, "stats", None), "decisions", None),
         "transitions": getattr(getattr(controller, "stats", None), "transitions", None),
-        "bytes_moved": (controller.bytes_moved if isinstance(controller, OffloadCache)
+        "bytes_moved": (controller.bytes_moved if pc.policy == "offload"
                         else getattr(getattr(controller, "stats", None), "bytes_moved", None)),
-        "swap_time_ms": (1e3 * controller.stats.swap_s if isinstance(controller, DynamicPrecision) else None),
-        "cache_misses": controller.misses if isinstance(controller, OffloadCache) else None,
-        "cache_hits": controller.hits if isinstance(controller, OffloadCache) else None,
+        "swap_time_ms": (1e3 * controller.stats.swap_s if dynamic_stats else None),
+        "decisions_skipped": controller.stats.decisions_skipped if dynamic_stats else None,
+        "switch_lag_calls": (controller.stats.switch_lag_calls / controller.stats.transitions
+                             if dynamic_stats and controller.stats.transitions else None),
+        "cache_misses": controller.misses if pc.policy == "offload" else None,
+        "cache_hits": controller.hits if pc.policy == "offload" else None,
         "budget_utilisation": (pmap.expert_bytes / pmap.budget_bytes if pmap.budget_bytes else None),
         "expert_weight_bytes": pmap.expert_bytes, "expert_weight_bytes_16bit": pmap.full_bytes,
         "high_precision_experts": int(sum(int((b == pc.bits_high).sum()) for b in pmap.bits.values())),
@@ -304,7 +322,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     }
     for k in ("top_k", "native_top_k", "bits_high", "bits_low"):
         summary[k] = int(summary[k])
-    trace = pd.DataFrame(controller.stats.trace if isinstance(controller, DynamicPrecision) else [],
+    trace = pd.DataFrame(controller.stats.trace if dynamic_stats else [],
                          columns=["decision", "call", "layer", "high_experts", "hotness"])
     trace.insert(0, "cell", cell_rec.id)
     io.write_parquet(out_trace, trace)

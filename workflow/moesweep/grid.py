@@ -154,8 +154,12 @@ def _precision(spec: dict, where: str) -> Precision:
         if hi not in QUANT_BITS + (FULL_BITS,) or lo not in QUANT_BITS or lo >= hi:
             raise GridError(f"{where}: hotcold needs bits_high in {QUANT_BITS + (FULL_BITS,)} and bits_low in "
                             f"{QUANT_BITS} with bits_low < bits_high, got ({hi!r}, {lo!r})")
-        if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-            raise GridError(f"{where}: memory_budget must be a fraction in (0, 1] of the 16-bit expert bytes, got {budget!r}")
+        # dynamic/frozen keep every low version resident besides their high slots: all experts high needs
+        # 1 + (low bytes / 16-bit bytes) of the 16-bit bytes, hence up to 2
+        top = 1 if policy == "hotcold" else 2
+        if not isinstance(budget, (int, float)) or not 0 < budget <= top:
+            raise GridError(f"{where}: memory_budget must be a fraction in (0, {top}] of the 16-bit expert bytes, "
+                            f"got {budget!r}")
         if policy == "hotcold":
             return Precision("hotcold", hi, lo, float(budget))
         params = {k: spec.get(k, v) for k, v in DYNAMIC_DEFAULTS.items()}

@@ -18,6 +18,16 @@ class BudgetError(ValueError):
     """A memory budget that no precision map of the requested tiers can meet."""
 
 
+def high_slots(budget: int, low_bytes: torch.Tensor, high_bytes: torch.Tensor) -> int:
+    """High-precision slots of one layer's pool under the online policies (dynamic, frozen): what the budget
+    leaves after every expert's low version, which stays resident so a demoted expert is served at once."""
+    free = int(budget) - int(low_bytes.sum())
+    if free < 0:
+        raise BudgetError(f"the budget of {int(budget)} bytes is below the {int(low_bytes.sum())} bytes of every "
+                          f"expert at the low width")
+    return min(len(low_bytes), free // int(high_bytes.max()))
+
+
 @dataclass
 class PrecisionMap:
     bits: dict[int, torch.Tensor]  # layer -> [E] int width per expert
@@ -50,9 +60,10 @@ def tier_bytes(quantized: dict[int, dict], layers: list[int], full: dict[int, to
 
 
 def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_by_tier, hotness=None) -> PrecisionMap:
-    """Uniform or hot/cold map (also the starting map of dynamic and frozen). Hot/cold: per layer the largest N
+    """Uniform or hot/cold map, or the starting map of dynamic and frozen. Hot/cold: per layer the largest N
     such that the N hottest experts (by profiled routed probability mass) at bits_high and the rest at bits_low
-    fit the layer's share of the budget (budget × 16-bit bytes, split uniformly over layers)."""
+    fit the layer's share of the budget (budget × 16-bit bytes, split uniformly over layers). Dynamic/frozen: the
+    N hottest fill the layer's pool of `high_slots` high-precision slots, every low version staying resident."""
     full = bytes_by_tier[FULL_BITS]
     full_total = int(sum(int(full[i].sum()) for i in layers))
     if precision.policy == "full":
@@ -82,12 +93,19 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
             raise BudgetError(f"memory_budget {precision.memory_budget:g} is below the smallest feasible for tiers "
                               f"({hi}, {lo}): all experts of layer {i} at {lo} bit need {cost / int(full[i].sum()):.4f} "
                               f"of the 16-bit bytes")
-        for e in order:
-            extra = int(b_hi[e]) - int(b_lo[e])
-            if cost + extra > budget:
-                break
-            layer_bits[e] = hi
-            cost += extra
+        if precision.policy in ("dynamic", "frozen"):
+            # Online policies: every low version resident plus a pool of N high slots (dynamic.py); the starting
+            # map fills the pool with the N hottest experts, and what the pool holds is allocated whether used or not.
+            n = high_slots(int(budget), b_lo, b_hi)
+            layer_bits[torch.tensor(order[:n], dtype=torch.long)] = hi
+            cost += n * int(b_hi.max())
+        else:
+            for e in order:
+                extra = int(b_hi[e]) - int(b_lo[e])
+                if cost + extra > budget:
+                    break
+                layer_bits[e] = hi
+                cost += extra
         bits[i], used = layer_bits, used + cost
     return PrecisionMap(bits, used, full_total, int(precision.memory_budget * full_total))
 

@@ -49,9 +49,11 @@ def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, co
 
 
 def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
-                 decode):
+                 decode, track_mass):
     """Attention output into the residual, post-attention norm, the policy's routing, its accounting increments
-    and the expert-sorted assignment blocks. All on the device; nothing here reads a value back to the host."""
+    and the expert-sorted assignment blocks; with track_mass also the router probability mass routed to each
+    expert (dynamic precision's hotness input, as dynamic.DynamicPrecision.observe). All on the device; nothing
+    here reads a value back to the host."""
     B, S, H = x.shape
     x = x + F.linear(o, wo, bo)
     h = _rms_norm(x, post_ln, eps).reshape(B * S, H)
@@ -59,7 +61,12 @@ def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, 
     index, weights, keep_policy, keep = route(probs, routing, top_k, norm, valid, beta)
     sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
     counts, hits = routing_increments(valid, keep_policy, keep, index, hot, num_experts, decode)
-    return x, h, weights, sorted_assign, block_expert, counts, hits
+    mass = None
+    if track_mass:  # dropped assignments carry the sentinel index E: their bucket is cut off
+        routed_probs = probs.gather(1, index.clamp_max(num_experts - 1)).double() * keep
+        mass = torch.zeros(num_experts + 1, dtype=torch.float64, device=x.device).scatter_add_(
+            0, index.flatten(), routed_probs.flatten())[:num_experts]
+    return x, h, weights, sorted_assign, block_expert, counts, hits, mass
 
 
 class DeviceRoutingStats:
@@ -90,8 +97,9 @@ class FastQwen3MoeEngine:
 
     def __init__(self, model, adapter, routing: Routing, widths: dict[int, torch.Tensor], quantized: dict[int, dict],
                  skip_betas: dict[int, float] | None = None, hot_masks: dict[int, torch.Tensor] | None = None,
-                 compile: bool = True):
-        """compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
+                 compile: bool = True, online=None):
+        """online: a fast/pools.py controller (dynamic, frozen, offload) that owns the experts of every layer and
+        their precision; `widths`/`quantized`/`hot_masks` are then unused. compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
         step goes through torch.compile, which fuses its ~100 small kernels per layer into a handful; the captured
         CUDA graph then replays those. Prefill always runs eagerly (its shapes change with every batch)."""
         cfg = model.config
@@ -102,12 +110,18 @@ class FastQwen3MoeEngine:
         self.layers = adapter.layers()
         self.num_experts, self.top_k, self.norm = adapter.num_experts, adapter.top_k, adapter.norm_topk_prob
         self.betas = skip_betas or {}
-        self.experts = {}
-        for l in self.layers:
-            per_bits = {b: {p: quantized[b][f"layers.{l.index}.{p}"] for p in ("gate_up_proj", "down_proj")}
-                        for b in quantized}
-            self.experts[l.index] = FastMoeExperts(l.experts, widths[l.index], per_bits)
-        self.hot = {i: m.to(self.device) for i, m in (hot_masks or {}).items()}
+        self.online = online
+        if online is not None:
+            self.experts, self.hot = online.experts, online.hot
+        else:
+            self.experts = {}
+            for l in self.layers:
+                per_bits = {b: {p: quantized[b][f"layers.{l.index}.{p}"] for p in ("gate_up_proj", "down_proj")}
+                            for b in quantized}
+                self.experts[l.index] = FastMoeExperts.static(l.experts, widths[l.index], per_bits)
+            self.hot = {i: m.to(self.device) for i, m in (hot_masks or {}).items()}
+        self._track_mass = online is not None and online.mass is not None
+        self._capture = online is None or online.graph_safe
         self.stats = DeviceRoutingStats([l.index for l in self.layers], self.num_experts, self.device)
         self._k = policy_k(routing, self.top_k)  # assignments per token
         self._eps = cfg.rms_norm_eps
@@ -125,6 +139,7 @@ class FastQwen3MoeEngine:
                 torch._dynamo.config.accumulated_cache_size_limit, 512)
             self._compiled = (torch.compile(_attention_inputs, dynamic=False), torch.compile(_route_block, dynamic=False))
         self.eos = None
+        self.context = None
         self._graphs: dict[int, tuple] = {}
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -151,12 +166,16 @@ class FastQwen3MoeEngine:
             o = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * S, -1), k_cache[i, :B], v_cache[i, :B],
                                                attn_mask=mask, scale=self._scaling)
             o = o.reshape(B, kv_heads * groups, S, -1).transpose(1, 2).reshape(B, S, -1)
-            x, h, weights, sorted_assign, block_expert, counts, hits = route_block(
+            x, h, weights, sorted_assign, block_expert, counts, hits, mass = route_block(
                 x, o, *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k, self.norm, self.num_experts,
-                self.experts[l.index].block_m(B * S * self._k), decode)
+                self.experts[l.index].block_m(B * S * self._k), decode, self._track_mass)
             self.stats.counts[:, i] += counts
             self.stats.load[i] += hits
-            moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert)
+            if mass is not None:
+                self.online.mass[i] += mass
+            moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert, hits)
+        if self.online is not None:
+            self.online.after_forward()
         x = x + moe_out.view(B, S, -1, H).sum(2).to(x.dtype)
         return self.model.lm_head(m.norm(x[:, -1]))
 
@@ -207,9 +226,14 @@ class FastQwen3MoeEngine:
             st["position"].add_(1)
             st["slot"].add_(1)
 
+        if not self._capture:  # offloading: the step reads routing results on the host, so it runs eagerly
+            self._graphs[batch] = (st, None, step)
+            return self._graphs[batch]
         # Warm-up and capture run real steps on dummy rows (no valid token, nothing routed); they must not count,
-        # and a batch size first seen mid-generation must not wipe what the earlier batches counted.
-        saved = (self.stats.counts.clone(), self.stats.load.clone())
+        # and a batch size first seen mid-generation must not wipe what the earlier batches counted (nor move the
+        # hotness EMA of dynamic precision).
+        state = [self.stats.counts, self.stats.load] + ([self.online.score, self.online.mass] if self._track_mass else [])
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -219,16 +243,19 @@ class FastQwen3MoeEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        self.stats.counts.copy_(saved[0])
-        self.stats.load.copy_(saved[1])
-        self._graphs[batch] = (st, graph)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        self._graphs[batch] = (st, graph, graph.replay)
         return self._graphs[batch]
 
     # -- generation --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 stop: tuple[str, ...] = (), stop_checks: bool = True, progress=None):
-        """Same contract as engine.generate_greedy. stop_checks=False: exactly max_new_tokens each, no EOS/stop."""
+                 stop: tuple[str, ...] = (), stop_checks: bool = True, progress=None, context=None):
+        """Same contract as engine.generate_greedy. stop_checks=False: exactly max_new_tokens each, no EOS/stop.
+        context: a routing.RoutingContext whose observers (precision controller, traffic meter) see the end of
+        every forward call with its phase set, as on the reference engine."""
+        self.context = context
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None and stop_checks else -1
         lengths, batches = length_sorted_batches(tokenizer, prompts, batch_size)
         self._ensure_cache(min(batch_size, len(prompts)), max(lengths) + max_new_tokens)
@@ -244,12 +271,12 @@ class FastQwen3MoeEngine:
         return [completions[i] for i in range(len(prompts))], timing
 
     def _generate_batch(self, batch, input_ids, attention, tokenizer, max_new_tokens, stop, stop_checks, timing,
-                        completions):
+                        completions, read_tokens=False):
         B, P = input_ids.shape
         L = self._cache[0].shape[3]
         timing.prompt_tokens += int(attention.sum())
         timing.padded_prompt_tokens += attention.numel()
-        st, graph = self._decode_state(B)
+        st, graph, run_step = self._decode_state(B)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         keys = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         keys[:, :P] = attention.bool()
@@ -269,6 +296,7 @@ class FastQwen3MoeEngine:
         st["live"].copy_(nxt != self.eos)
         st["eos"].fill_(self.eos)
         st["out"][:, P] = nxt
+        self._end_call("prefill")
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         timing.prefill_s.append(t1 - t0)
@@ -288,9 +316,10 @@ class FastQwen3MoeEngine:
                     break
             elif step == max_new_tokens - 1:
                 break
-            graph.replay()
+            run_step()
+            self._end_call("decode")
             timing.decode_steps += 1
-            if stop_checks:
+            if stop_checks or read_tokens:
                 step_tokens = st["token"][:, 0].tolist()  # the one host synchronisation per step
         torch.cuda.synchronize()
         timing.decode_s.append(time.perf_counter() - t1)
@@ -300,16 +329,29 @@ class FastQwen3MoeEngine:
                                                      max_new_tokens, "length")
 
     @torch.inference_mode()
-    def time_decode(self, input_ids: torch.Tensor, new_tokens: int) -> GenerationTiming:
-        """Prefill `input_ids` [B, P] (no padding), then decode exactly `new_tokens` tokens per sequence with no
-        host synchronisation between steps: the benchmark's measurement."""
+    def time_decode(self, input_ids: torch.Tensor, new_tokens: int, read_tokens: bool = False) -> GenerationTiming:
+        """Prefill `input_ids` [B, P] (no padding), then decode exactly `new_tokens` tokens per sequence: the
+        benchmark's measurement. read_tokens=False: no host synchronisation between steps; True: the host reads
+        each step's tokens, as a serving loop (and evaluate) does, which is when it learns what the GPU finished."""
         self.eos = -1
+        self.context = None
         B, P = input_ids.shape
         self._ensure_cache(B, P + new_tokens)
         timing = GenerationTiming()
         self._generate_batch(list(range(B)), input_ids, torch.ones_like(input_ids), None, new_tokens, (), False,
-                             timing, {})
+                             timing, {}, read_tokens)
         return timing
+
+    def _end_call(self, phase: str) -> None:
+        """Host side, after a forward call was enqueued: the online controller's between-call work (no wait on
+        the GPU), then the routing context's observers, as the reference engine calls them."""
+        if self.online is not None:
+            self.online.end_call()
+        if self.context is not None:
+            self.context.phase = phase
+            for obs in self.context.observers:
+                if obs is not self.online:
+                    obs.end_call()
 
     def routing_stats(self) -> dict[int, LayerRoutingStats]:
         return self.stats.to_layer_stats()

@@ -27,38 +27,57 @@ def full_tier(weight: torch.Tensor) -> ExpertTier:
     return ExpertTier(FULL_BITS, weight, None, None, weight.shape[2], weight.shape[2])
 
 
-class FastMoeExperts:
-    """Experts of one layer; __call__(x [T, H], index [T, k] (sentinel E = dropped), weights [T, k]) -> [T, H]."""
+def block_m(num_assign: int, num_experts: int) -> int:
+    """Rows per aligned block for this many assignments (one value for every tier of a layer)."""
+    return tile_sizes(FULL_BITS, num_assign, num_experts)[0]
 
-    def __init__(self, experts_module, widths: torch.Tensor, quantized_layer: dict[int, dict[str, object]]):
-        """widths [E]: the width serving each expert; quantized_layer[bits][projection] = QuantizedExperts."""
-        device = experts_module.gate_up_proj.device
-        self.num_experts = widths.shape[0]
-        self.hidden = experts_module.down_proj.shape[1]
-        self.intermediate = experts_module.down_proj.shape[2]
-        self.tiers = []  # (slot_of_expert int32 [E], gate_up tier, down tier)
-        for bits in sorted(set(widths.tolist()), reverse=True):
-            slots = torch.where(widths == bits, torch.arange(self.num_experts), -1).to(torch.int32).to(device)
-            if bits == FULL_BITS:
-                pair = [full_tier(getattr(experts_module, p)) for p in PROJECTIONS]
-            else:
-                pair = [quantized_tier(quantized_layer[bits][p], device) for p in PROJECTIONS]
-            self.tiers.append((slots, *pair))
+
+def static_tiers(experts_module, widths: torch.Tensor, quantized_layer: dict[int, dict[str, object]]) -> list[tuple]:
+    """Tiers of a fixed precision map. widths [E]: the width serving each expert; quantized_layer[bits][projection]
+    = QuantizedExperts. Each tier references all experts' weights at its width and a slot table (slot = expert id,
+    -1 for experts served by another tier)."""
+    device = experts_module.gate_up_proj.device
+    E = widths.shape[0]
+    tiers = []  # (slot_of_expert int32 [E], gate_up tier, down tier)
+    for bits in sorted(set(widths.tolist()), reverse=True):
+        slots = torch.where(widths == bits, torch.arange(E), -1).to(torch.int32).to(device)
+        if bits == FULL_BITS:
+            pair = [full_tier(getattr(experts_module, p)) for p in PROJECTIONS]
+        else:
+            pair = [quantized_tier(quantized_layer[bits][p], device) for p in PROJECTIONS]
+        tiers.append((slots, *pair))
+    return tiers
+
+
+class FastMoeExperts:
+    """Experts of one layer; __call__(x [T, H], index [T, k] (sentinel E = dropped), weights [T, k]) -> [T, H].
+
+    tiers: (slot table int32 [E], gate_up ExpertTier, down ExpertTier), one kernel launch per projection each; an
+    expert's row in a slot table is the index of its weights in that tier, -1 where another tier serves it. The
+    tables may change between calls (fast/pools.py) as long as every expert stays in exactly one tier."""
+
+    def __init__(self, tiers: list[tuple], num_experts: int, hidden: int, intermediate: int):
+        self.tiers, self.num_experts, self.hidden, self.intermediate = tiers, num_experts, hidden, intermediate
+
+    @classmethod
+    def static(cls, experts_module, widths: torch.Tensor, quantized_layer: dict[int, dict[str, object]]):
+        E, H, I = experts_module.down_proj.shape
+        return cls(static_tiers(experts_module, widths, quantized_layer), E, H, I)
 
     def block_m(self, num_assign: int) -> int:
-        return tile_sizes(FULL_BITS, num_assign, self.num_experts)[0]
+        return block_m(num_assign, self.num_experts)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, k = index.shape
         sorted_assign, block_expert = align_assignments(index, self.num_experts, self.block_m(T * k))
         return self.run(x, weights, sorted_assign, block_expert).view(T, k, self.hidden).sum(1).to(x.dtype)
 
-    def run(self, x: torch.Tensor, weights: torch.Tensor, sorted_assign: torch.Tensor,
-            block_expert: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, weights: torch.Tensor, sorted_assign: torch.Tensor, block_expert: torch.Tensor,
+            hits: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [T*k, H]: each assignment's expert output times its routing weight (0 for dropped ones).
 
         Summed over k by the caller: every row is written by exactly one tier or stays 0, and the sum order is
-        fixed (deterministic, unlike atomics)."""
+        fixed (deterministic, unlike atomics). `hits` (routed assignments per expert) is for offloading's experts."""
         T, k = weights.shape
         n = T * k
         block_m = self.block_m(n)
