@@ -49,6 +49,7 @@ def test_fast_bf16_greedy_equals_transformers(embedded_model):
     # Measured on the H200 (2026-11-29): 5 of 8 prompts give the same 128 tokens. The fast path rounds less often
     # (silu(gate)*up and the sum over experts in float32, one bf16 rounding), so a near-tie can flip a token and
     # the continuation diverges from there; the prefill logits below bound the difference itself.
+    print(f"greedy: {sum(same)}/8 prompts decode the same 128 tokens as transformers")
     assert sum(same) >= 5, f"{sum(same)}/8 prompts decode the same 128 greedy tokens as transformers"
     # prefill logits of one unpadded prompt against transformers' own
     enc = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)

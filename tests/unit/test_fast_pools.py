@@ -183,3 +183,60 @@ def test_offload_gives_full_precision_outputs_and_counts_fetches(setup):
     # the same LRU bookkeeping on the routed sets the reference engine's accounting saw
     assert offload.misses > 0 and offload.bytes_moved == offload.misses * int(full[layers[0]][0])
     assert isinstance(offload.cache, OffloadCache)
+
+
+@pytest.fixture(scope="module")
+def stage_files(embedded_model, tmp_path_factory):
+    """The embedded model's calibrate → GPTQ 8/2 → profile outputs, as the DAG makes them."""
+    from moesweep.stages import calibrate_stage, profile_stage, quantize_stage
+
+    d = tmp_path_factory.mktemp("stages")
+    model = {"id": str(embedded_model)}
+    ds = {"source": "synthetic", "split": "test", "limit": 16}
+    calibrate_stage(model, ds, {"n_samples": 16, "n_heldout": 4, "max_length": 128, "batch_size": 8}, 0,
+                    d / "h.safetensors", d / "ho.safetensors", d / "stats.json")
+    for bits in (HI, LO):
+        quantize_stage(model, {"group_size": 32, "min_tokens": 1}, bits, "gptq", str(d / "h.safetensors"),
+                       str(d / "ho.safetensors"), str(d / f"w{bits}.safetensors"), str(d / f"e{bits}.parquet"))
+    profile_stage(model, ds, {"n_samples": 16, "max_length": 128, "batch_size": 8}, 0, str(d / "hot.parquet"))
+    return d
+
+
+def test_online_cells_run_on_the_fast_engine(embedded_model, stage_files, tmp_path):
+    """evaluate picks the fast engine for dynamic, frozen and offload cells; offloading gives the 16-bit cell's
+    completions; dynamic moves experts and stays within its budget; the reference engine's dynamic cell agrees."""
+    import json
+
+    import pandas as pd
+
+    from moesweep.evaluate import evaluate_cell
+    from moesweep.grid import expand_grid
+
+    grid = [{"routing": {"policy": "native"}, "precision": p} for p in (
+        {"policy": "full"}, {"policy": "offload", "memory_budget": 0.5},
+        {"policy": "frozen", "bits_high": HI, "bits_low": LO, "memory_budget": 0.5},
+        {"policy": "dynamic", "bits_high": HI, "bits_low": LO, "memory_budget": 0.5, "update_every": 8})]
+    results = {}
+    for cell in expand_grid(grid):
+        for engine in (("fast", "reference") if cell.precision.policy == "dynamic" else ("fast",)):
+            settings = {"seed": 0, "model": {"id": str(embedded_model), "dtype": "bfloat16"},
+                        "dataset": {"source": "synthetic", "synthetic_seed": 1, "split": "test", "limit": 40},
+                        "prompt": {"preset": "zeroshot", "max_new_tokens": 128},
+                        "evaluate": {"batch_size": 16, "device": "cuda", "repeats": 1, "engine": engine}}
+            d = tmp_path / f"{cell.id}-{engine}"
+            d.mkdir()
+            widths = {b for b in (cell.precision.bits_high, cell.precision.bits_low) if b in (HI, LO)}
+            evaluate_cell(cell.to_dict(), settings, {b: str(stage_files / f"w{b}.safetensors") for b in widths},
+                          str(stage_files / "hot.parquet"), None, d / "c.json", d / "p.parquet", d / "l.parquet",
+                          d / "t.parquet")
+            results[(cell.precision.policy, engine)] = (json.loads((d / "c.json").read_text()),
+                                                        pd.read_parquet(d / "p.parquet"))
+    assert all(s["engine"] == e for (_, e), (s, _) in results.items())
+    full, offload = results[("full", "fast")], results[("offload", "fast")]
+    assert offload[1]["completion"].tolist() == full[1]["completion"].tolist()
+    assert offload[0]["cache_misses"] > 0 and offload[0]["bytes_moved"] > 0
+    frozen, dyn, ref = results[("frozen", "fast")][0], results[("dynamic", "fast")][0], results[("dynamic", "reference")][0]
+    assert frozen["transitions"] == 0 and dyn["transitions"] > 0 and ref["transitions"] > 0
+    assert dyn["budget_utilisation"] <= 1 and dyn["expert_weight_bytes"] == frozen["expert_weight_bytes"]
+    assert dyn["switch_lag_calls"] >= 0 and ref["switch_lag_calls"] == 0
+    assert abs(dyn["accuracy_strict"] - ref["accuracy_strict"]) <= 0.1

@@ -27,6 +27,15 @@ def full_tier(weight: torch.Tensor) -> ExpertTier:
     return ExpertTier(FULL_BITS, weight, None, None, weight.shape[2], weight.shape[2])
 
 
+def expert_buffers(x: torch.Tensor, weights: torch.Tensor, intermediate: int, hidden: int):
+    """Per-assignment buffers of one layer's expert launches: the activations h (x's dtype), the routed outputs y
+    (float32; rows of dropped assignments stay 0) and the routing weights as float32."""
+    n = weights.numel()
+    h = torch.empty(n, intermediate, dtype=x.dtype, device=x.device)
+    y = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
+    return h, y, weights.reshape(-1).float()
+
+
 def block_m(num_assign: int, num_experts: int) -> int:
     """Rows per aligned block for this many assignments (one value for every tier of a layer)."""
     return tile_sizes(FULL_BITS, num_assign, num_experts)[0]
@@ -79,11 +88,8 @@ class FastMoeExperts:
         Summed over k by the caller: every row is written by exactly one tier or stays 0, and the sum order is
         fixed (deterministic, unlike atomics). `hits` (routed assignments per expert) is for offloading's experts."""
         T, k = weights.shape
-        n = T * k
-        block_m = self.block_m(n)
-        h = torch.empty(n, self.intermediate, dtype=x.dtype, device=x.device)
-        y = torch.zeros(n, self.hidden, dtype=torch.float32, device=x.device)
-        routed = weights.reshape(-1).float()
+        block_m = self.block_m(T * k)
+        h, y, routed = expert_buffers(x, weights, self.intermediate, self.hidden)
         for slots, gate_up, _ in self.tiers:
             grouped_expert_matmul(x, h, sorted_assign, block_expert, slots, gate_up, k, block_m, gate_up=True)
         for slots, _, down in self.tiers:

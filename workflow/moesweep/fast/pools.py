@@ -36,7 +36,7 @@ from ..dynamic import DynamicStats, OffloadCache, plan_transitions
 from ..grid import FULL_BITS
 from ..precision import high_slots
 from .kernels import ExpertTier, grouped_expert_matmul
-from .moe import PROJECTIONS, FastMoeExperts, block_m, full_tier, quantized_tier
+from .moe import PROJECTIONS, FastMoeExperts, block_m, expert_buffers, full_tier, quantized_tier
 
 
 def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -267,10 +267,8 @@ class _OffloadLayer:
 
     def run(self, x, weights, sorted_assign, block_expert, hits):
         T, k = weights.shape
-        n, block_m = T * k, self.block_m(T * k)
-        h = torch.empty(n, self.intermediate, dtype=x.dtype, device=x.device)
-        y = torch.zeros(n, self.hidden, dtype=torch.float32, device=x.device)
-        routed = weights.reshape(-1).float()
+        block_m = self.block_m(T * k)
+        h, y, routed = expert_buffers(x, weights, self.intermediate, self.hidden)
         used = hits.nonzero().flatten().tolist()  # the host synchronisation of offloading: which experts to fetch
         cache = self.owner.cache
         per_chunk = cache.slots[self.layer]
