@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from moesweep.checks import ConfigError, check_config, packed_expert_bytes, smallest_budget
+from moesweep.checks import ConfigError, check_config, full_expert_bytes_total, packed_expert_bytes, smallest_budget
 from moesweep.grid import expand_grid
 
 
@@ -61,6 +61,20 @@ def test_budget_below_the_smallest_feasible(random_checkpoint):
     bad = expand_grid([{"routing": {"policy": "native"},
                         "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2, "memory_budget": need / 2}}])
     with pytest.raises(ConfigError, match="below the smallest feasible"):
+        check_config(config(random_checkpoint), bad)
+
+
+def test_budget_in_gb_is_checked_against_the_checkpoint(random_checkpoint):
+    cfg = json.loads((random_checkpoint / "config.json").read_text())
+    total = full_expert_bytes_total(cfg)  # 2 layers x 8 experts x 3 x 64 x 32 x 2 bytes
+    assert total == 2 * 8 * 3 * 64 * 32 * 2
+    need = smallest_budget(cfg, 2, {"group_size": 32})
+    ok = expand_grid([{"routing": {"policy": "native"}, "precision": {
+        "policy": "dynamic", "bits_high": 8, "bits_low": 2, "memory_budget_gb": (need + 0.01) * total / 1e9}}])
+    check_config(config(random_checkpoint), ok)
+    bad = expand_grid([{"routing": {"policy": "native"}, "precision": {
+        "policy": "dynamic", "bits_high": 8, "bits_low": 2, "memory_budget_gb": need / 2 * total / 1e9}}])
+    with pytest.raises(ConfigError, match=r"memory_budget_gb .* \(= 0\.\d+ of the 16-bit expert bytes\) is below"):
         check_config(config(random_checkpoint), bad)
 
 

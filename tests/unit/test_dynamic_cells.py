@@ -72,3 +72,19 @@ def test_offload_is_lossless_and_counts_misses(random_checkpoint, stages, tmp_pa
     summary, off, _ = run(random_checkpoint, stages, tmp_path, {"policy": "offload", "memory_budget": 0.25})
     assert off["completion"].tolist() == full["completion"].tolist()
     assert summary["cache_misses"] > 0 and summary["bytes_moved"] == summary["cache_misses"] * 2 * 3 * 64 * 32
+
+
+def test_budget_in_gb_and_hotness_allocation(random_checkpoint, stages, tmp_path):
+    cfg = json.loads((random_checkpoint / "config.json").read_text())
+    from moesweep.checks import full_expert_bytes_total
+
+    total = full_expert_bytes_total(cfg)
+    frac, _, _ = run(random_checkpoint, stages, tmp_path, {"policy": "hotcold", "bits_high": 8, "bits_low": 2,
+                                                           "memory_budget": 0.5})
+    gb, p_gb, _ = run(random_checkpoint, stages, tmp_path, {"policy": "hotcold", "bits_high": 8, "bits_low": 2,
+                                                            "memory_budget_gb": 0.5 * total / 1e9})
+    assert gb["memory_budget"] == pytest.approx(0.5) and gb["memory_budget_gb"] == pytest.approx(0.5 * total / 1e9)
+    assert gb["high_precision_experts"] == frac["high_precision_experts"]
+    hot, _, _ = run(random_checkpoint, stages, tmp_path, {"policy": "dynamic", "bits_high": 8, "bits_low": 2,
+                                                          "memory_budget": 0.5, "allocation": "hotness"})
+    assert hot["slot_allocation"] == "hotness" and hot["budget_utilisation"] <= 1

@@ -39,6 +39,15 @@ def test_round_trip_through_dict():
     ({"routing": {"policy": "native"}, "precision": {"policy": "hotcold", "bits_high": 2, "bits_low": 8, "memory_budget": 0.5}}, "bits_low < bits_high"),
     ({"routing": {"policy": "native"}, "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2, "memory_budget": 0}}, "memory_budget must be a fraction"),
     ({"routing": {"policy": "native"}, "precision": {"policy": "fp4"}}, "unknown precision policy 'fp4'"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "offload", "memory_budget": 0.5, "memory_budget_gb": 3}},
+     "give exactly one of memory_budget"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "offload"}}, "give exactly one of memory_budget"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "dynamic", "bits_high": 8, "bits_low": 2,
+                                                     "memory_budget_gb": -1}}, "memory_budget_gb must be a number of GB > 0"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 2,
+                                                     "memory_budget": 0.5, "allocation": "greedy"}}, "allocation must be one of"),
+    ({"routing": {"policy": "native"}, "precision": {"policy": "offload", "memory_budget": 0.5, "allocation": "hotness"}},
+     "allocation not allowed with precision policy 'offload'"),
 ])
 def test_bad_entries_are_refused_with_a_clear_message(entry, message):
     with pytest.raises(GridError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
@@ -80,3 +89,10 @@ def test_dynamic_cells_and_their_refusals():
         expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "dynamic", "bits_high": 8, "bits_low": 2,
                                                                      "memory_budget": 0.25, "alpha": 1.0}}])
     assert expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": "offload", "memory_budget": 0.5}}])[0].id == "native-offload-b0.5"
+
+
+def test_budget_in_gb_and_hotness_allocation_name_their_cells():
+    cells = expand_grid([{"routing": {"policy": "native"}, "precision": {
+        "policy": "dynamic", "bits_high": 16, "bits_low": 4, "memory_budget_gb": 38, "allocation": ["uniform", "hotness"]}}])
+    assert [c.id for c in cells] == ["native-dyn16-cold4-b38GB", "native-dyn16-cold4-b38GB-alloc_hot"]
+    assert cells[1].precision.memory_budget is None and cells[1].precision.allocation == "hotness"

@@ -107,6 +107,18 @@ def check_family_config(cfg: dict, where: str) -> None:
                           f"router always selects exactly {PHIMOE_TOP_K} experts; allowed: {PHIMOE_TOP_K}")
 
 
+def moe_layer_count(cfg: dict) -> int:
+    """Decoder layers with routed experts (Qwen-MoE's decoder_sparse_step / mlp_only_layers; else every layer)."""
+    step = cfg.get("decoder_sparse_step") or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return sum(1 for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
+
+
+def full_expert_bytes_total(cfg: dict) -> int:
+    """16-bit bytes of every routed expert of the checkpoint (gate, up, down), the scale of memory budgets."""
+    return 3 * cfg["hidden_size"] * expert_intermediate_size(cfg) * 2 * num_experts(cfg) * moe_layer_count(cfg)
+
+
 def smallest_budget(cfg: dict, bits_low: int, quant: dict) -> float:
     """Fraction of the 16-bit expert bytes needed with every expert at bits_low."""
     H, I = cfg["hidden_size"], expert_intermediate_size(cfg)
@@ -184,15 +196,20 @@ def check_config(config: dict, cells: list[Cell]) -> None:
             raise ConfigError(f"cell {c.id}: top_k={c.routing.top_k} exceeds the checkpoint's num_experts_per_tok="
                               f"{native_k}; allowed: 1..{native_k}")
         p = c.precision
+        if p.policy not in ("offload", "hotcold", "dynamic", "frozen"):
+            continue
+        fraction, text = p.memory_budget, f"memory_budget {p.memory_budget}"
+        if p.memory_budget_gb is not None:  # as a fraction of this checkpoint's 16-bit expert bytes
+            fraction = p.memory_budget_gb * 1e9 / full_expert_bytes_total(cfg)
+            text = f"memory_budget_gb {p.memory_budget_gb:g} (= {fraction:.4f} of the 16-bit expert bytes)"
         if p.policy == "offload":
             need = 1 / num_experts(cfg)
-            if p.memory_budget < need:
-                raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} holds no full-precision expert per "
-                                  f"layer; allowed: {need:.4f}..1")
-        if p.policy in ("hotcold", "dynamic", "frozen"):
+            if fraction < need:
+                raise ConfigError(f"cell {c.id}: {text} holds no full-precision expert per layer; allowed: "
+                                  f"{need:.4f}..1")
+        else:
             need = smallest_budget(cfg, p.bits_low, config["quantization"])
-            if p.memory_budget < need:
-                raise ConfigError(f"cell {c.id}: memory_budget {p.memory_budget:g} is below the smallest feasible "
-                                  f"{need:.4f} (all experts at {p.bits_low} bit, group size "
-                                  f"{config['quantization']['group_size']}); allowed: {need:.4f}.."
-                                  f"{1 if p.policy == 'hotcold' else 2}")
+            if fraction < need:
+                raise ConfigError(f"cell {c.id}: {text} is below the smallest feasible {need:.4f} (all experts at "
+                                  f"{p.bits_low} bit, group size {config['quantization']['group_size']}); allowed: "
+                                  f"{need:.4f}..{1 if p.policy == 'hotcold' else 2}")

@@ -126,7 +126,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
     hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
-    pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness)
+    pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness, shares)
+    budgets = layer_budgets(pc, bytes_by_tier, shares) if pmap.budget_bytes is not None else None
     online = pc.policy in ("dynamic", "frozen", "offload")
     versions = (expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low})
                 if engine == "reference" and pc.policy in ("dynamic", "frozen") else None)
@@ -146,12 +147,12 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     if engine == "fast" and pc.policy == "offload":
         from .fast.pools import DeviceOffload
 
-        online_device = DeviceOffload(adapter, full, layer_budgets(pc, full))
+        online_device = DeviceOffload(adapter, full, budgets)
     elif engine == "fast" and online:
         from .fast.pools import DevicePrecisionPools
 
         online_device = DevicePrecisionPools(adapter, quantized, pc.bits_high, pc.bits_low, pmap.hot_masks(pc.bits_high),
-                                             shares, bytes_by_tier, layer_budgets(pc, full), pc.alpha, pc.update_every,
+                                             shares, bytes_by_tier, budgets, pc.alpha, pc.update_every,
                                              pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
 
     def fresh_controller():
@@ -160,10 +161,10 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
             online_device.reset()
             return online_device
         if pc.policy == "offload":
-            return OffloadCache(full, layer_budgets(pc, full))
+            return OffloadCache(full, budgets)
         experts = {l.index: l.experts for l in adapter.layers()}
         return DynamicPrecision(experts, pmap.hot_masks(pc.bits_high), shares,
-                                versions, bytes_by_tier, pc.bits_high, pc.bits_low, layer_budgets(pc, full),
+                                versions, bytes_by_tier, pc.bits_high, pc.bits_low, budgets,
                                 pc.alpha, pc.update_every, pc.delta, pc.rate_limit, frozen=pc.policy == "frozen")
 
     if engine == "fast":
@@ -259,7 +260,8 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "renormalize": adapter.norm_topk_prob if r.renormalize is None else r.renormalize, "top_p": r.top_p,
         "skip_beta_mean": statistics.fmean(betas.values()) if (betas and r.policy == "skip") else None,
         "precision_policy": pc.policy, "bits_high": pc.bits_high, "bits_low": pc.bits_low,
-        "memory_budget": pc.memory_budget, "n": n,
+        "memory_budget": pmap.budget_bytes / pmap.full_bytes if pmap.budget_bytes is not None else None,
+        "memory_budget_gb": pc.memory_budget_gb, "slot_allocation": pc.allocation, "n": n,
         "accuracy_strict": k_strict / n, "accuracy_flexible": float(problems_df["correct_flexible"].mean()),
         "accuracy_numeric": float(problems_df["correct_numeric"].mean()),
         "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high,

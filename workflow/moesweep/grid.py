@@ -58,6 +58,8 @@ class Precision:
     bits_high: int = FULL_BITS
     bits_low: int = FULL_BITS
     memory_budget: float | None = None  # fraction of the unquantized (16-bit) expert-weight bytes
+    memory_budget_gb: float | None = None  # or absolute: GB (1e9 bytes) of resident expert weights, all MoE layers
+    allocation: str | None = None  # hotcold/dynamic/frozen: high-precision slots per layer, "uniform" or "hotness"
     alpha: float | None = None  # dynamic/frozen: hotness EMA factor
     update_every: int | None = None  # dynamic/frozen: forward calls between decisions (T_u)
     delta: float | None = None  # dynamic/frozen: hysteresis margin
@@ -68,10 +70,13 @@ class Precision:
             return "w16"
         if self.policy == "uniform":
             return f"w{self.bits_low}"
+        budget = f"b{self.memory_budget:g}" if self.memory_budget_gb is None else f"b{self.memory_budget_gb:g}GB"
         if self.policy == "offload":
-            return f"offload-b{self.memory_budget:g}"
+            return f"offload-{budget}"
         prefix = {"hotcold": "hot", "dynamic": "dyn", "frozen": "frozen"}[self.policy]
-        slug = f"{prefix}{self.bits_high}-cold{self.bits_low}-b{self.memory_budget:g}"
+        slug = f"{prefix}{self.bits_high}-cold{self.bits_low}-{budget}"
+        if self.allocation == "hotness":
+            slug += "-alloc_hot"
         if self.policy in ("dynamic", "frozen"):  # parameters that differ from the published defaults
             short = {"alpha": "a", "update_every": "u", "delta": "d", "rate_limit": "r"}
             slug += "".join(f"-{short[k]}{getattr(self, k):g}" for k, v in DYNAMIC_DEFAULTS.items() if getattr(self, k) != v)
@@ -125,8 +130,10 @@ def _routing(spec: dict, where: str) -> Routing:
     return r
 
 
-PRECISION_KEYS = {"full": set(), "uniform": {"bits"}, "hotcold": {"bits_high", "bits_low", "memory_budget"},
-                  "offload": {"memory_budget"}}
+ALLOCATIONS = ("uniform", "hotness")
+PRECISION_KEYS = {"full": set(), "uniform": {"bits"},
+                  "hotcold": {"bits_high", "bits_low", "memory_budget", "memory_budget_gb", "allocation"},
+                  "offload": {"memory_budget", "memory_budget_gb"}}
 PRECISION_KEYS["dynamic"] = PRECISION_KEYS["frozen"] = PRECISION_KEYS["hotcold"] | set(DYNAMIC_DEFAULTS)
 
 
@@ -145,23 +152,21 @@ def _precision(spec: dict, where: str) -> Precision:
             raise GridError(f"{where}: uniform precision bits must be one of {QUANT_BITS}, got {bits!r}")
         return Precision("uniform", bits, bits, None)
     if policy == "offload":
-        budget = spec.get("memory_budget")
-        if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-            raise GridError(f"{where}: memory_budget must be a fraction in (0, 1] of the 16-bit expert bytes, got {budget!r}")
-        return Precision("offload", FULL_BITS, FULL_BITS, float(budget))
+        budget, gb = _budget(spec, where, 1)
+        return Precision("offload", FULL_BITS, FULL_BITS, budget, gb)
     if policy in ("hotcold", "dynamic", "frozen"):
-        hi, lo, budget = spec.get("bits_high"), spec.get("bits_low"), spec.get("memory_budget")
+        hi, lo = spec.get("bits_high"), spec.get("bits_low")
         if hi not in QUANT_BITS + (FULL_BITS,) or lo not in QUANT_BITS or lo >= hi:
             raise GridError(f"{where}: hotcold needs bits_high in {QUANT_BITS + (FULL_BITS,)} and bits_low in "
                             f"{QUANT_BITS} with bits_low < bits_high, got ({hi!r}, {lo!r})")
         # dynamic/frozen keep every low version resident besides their high slots: all experts high needs
         # 1 + (low bytes / 16-bit bytes) of the 16-bit bytes, hence up to 2
-        top = 1 if policy == "hotcold" else 2
-        if not isinstance(budget, (int, float)) or not 0 < budget <= top:
-            raise GridError(f"{where}: memory_budget must be a fraction in (0, {top}] of the 16-bit expert bytes, "
-                            f"got {budget!r}")
+        budget, gb = _budget(spec, where, 1 if policy == "hotcold" else 2)
+        allocation = spec.get("allocation", "uniform")
+        if allocation not in ALLOCATIONS:
+            raise GridError(f"{where}: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if policy == "hotcold":
-            return Precision("hotcold", hi, lo, float(budget))
+            return Precision("hotcold", hi, lo, budget, gb, allocation)
         params = {k: spec.get(k, v) for k, v in DYNAMIC_DEFAULTS.items()}
         if not 0 < params["alpha"] < 1:
             raise GridError(f"{where}: alpha must be in (0, 1), got {params['alpha']!r}")
@@ -171,8 +176,25 @@ def _precision(spec: dict, where: str) -> Precision:
             raise GridError(f"{where}: delta must be ≥ 0, got {params['delta']!r}")
         if not (isinstance(params["rate_limit"], int) and params["rate_limit"] >= 1):
             raise GridError(f"{where}: rate_limit must be an integer ≥ 1, got {params['rate_limit']!r}")
-        return Precision(policy, hi, lo, float(budget), **params)
+        return Precision(policy, hi, lo, budget, gb, allocation, **params)
     raise GridError(f"{where}: unknown precision policy {policy!r}; allowed: {', '.join(PRECISION_POLICIES)}")
+
+
+def _budget(spec: dict, where: str, top: float) -> tuple[float | None, float | None]:
+    """(memory_budget, memory_budget_gb): exactly one, a fraction in (0, top] of the 16-bit expert bytes or a
+    positive number of GB (1e9 bytes) over all MoE layers (checked against the checkpoint when the DAG is built)."""
+    budget, gb = spec.get("memory_budget"), spec.get("memory_budget_gb")
+    if (budget is None) == (gb is None):
+        raise GridError(f"{where}: give exactly one of memory_budget (a fraction of the 16-bit expert bytes) and "
+                        f"memory_budget_gb (GB of resident expert weights)")
+    if gb is not None:
+        if not isinstance(gb, (int, float)) or isinstance(gb, bool) or not gb > 0:
+            raise GridError(f"{where}: memory_budget_gb must be a number of GB > 0, got {gb!r}")
+        return None, float(gb)
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= top:
+        raise GridError(f"{where}: memory_budget must be a fraction in (0, {top:g}] of the 16-bit expert bytes, "
+                        f"got {budget!r}")
+    return float(budget), None
 
 
 def expand_grid(grid: list[dict]) -> list[Cell]:

@@ -59,11 +59,59 @@ def tier_bytes(quantized: dict[int, dict], layers: list[int], full: dict[int, to
     return out
 
 
-def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_by_tier, hotness=None) -> PrecisionMap:
-    """Uniform or hot/cold map, or the starting map of dynamic and frozen. Hot/cold: per layer the largest N
-    such that the N hottest experts (by profiled routed probability mass) at bits_high and the rest at bits_low
-    fit the layer's share of the budget (budget × 16-bit bytes, split uniformly over layers). Dynamic/frozen: the
-    N hottest fill the layer's pool of `high_slots` high-precision slots, every low version staying resident."""
+def budget_text(precision: Precision) -> str:
+    return (f"memory_budget {precision.memory_budget:g}" if precision.memory_budget_gb is None
+            else f"memory_budget_gb {precision.memory_budget_gb:g}")
+
+
+def total_budget(precision: Precision, full: dict[int, torch.Tensor]) -> int:
+    """Resident expert bytes the cell may use over all MoE layers."""
+    if precision.memory_budget_gb is not None:
+        return int(precision.memory_budget_gb * 1e9)
+    return int(precision.memory_budget * sum(int(b.sum()) for b in full.values()))
+
+
+def layer_budgets(precision: Precision, bytes_by_tier, shares: dict[int, torch.Tensor] | None = None) -> dict[int, int]:
+    """Per-layer byte budgets.
+
+    uniform (and offload): the budget split in proportion to each layer's 16-bit expert bytes.
+    hotness (hotcold/dynamic/frozen, `allocation: hotness`): every layer's low versions first; the rest goes to
+    high-precision experts across layers in order of their profiled share of the routed probability mass,
+    hottest (layer, expert) first, until the next one does not fit. Layers whose routing concentrates on few
+    experts thus get more high-precision slots. A layer's budget is exactly its low bytes plus what it got."""
+    full = bytes_by_tier[FULL_BITS]
+    if precision.allocation != "hotness":
+        if precision.memory_budget_gb is None:  # per layer, as the fraction says (no rounding across layers)
+            return {i: int(precision.memory_budget * int(b.sum())) for i, b in full.items()}
+        total, full_total = total_budget(precision, full), sum(int(b.sum()) for b in full.values())
+        return {i: total * int(b.sum()) // full_total for i, b in full.items()}
+    if shares is None:
+        raise ValueError("allocation 'hotness' needs the profile stage's hotness table")
+    hi, lo = bytes_by_tier[precision.bits_high], bytes_by_tier[precision.bits_low]
+    budget = {i: int(lo[i].sum()) for i in full}
+    free = total_budget(precision, full) - sum(budget.values())
+    if free < 0:
+        raise BudgetError(f"{budget_text(precision)} is below the smallest feasible for tiers ({precision.bits_high}, "
+                          f"{precision.bits_low}): every expert at {precision.bits_low} bit needs {sum(budget.values())} "
+                          f"bytes")
+    pool = precision.policy in ("dynamic", "frozen")  # a pool slot costs a whole high version (dynamic.py)
+    ranked = sorted(((float(shares[i][e]), i, e) for i in full for e in range(len(shares[i]))),
+                    key=lambda t: (-t[0], t[1], t[2]))
+    for _, i, e in ranked:
+        cost = int(hi[i].max()) if pool else int(hi[i][e]) - int(lo[i][e])
+        if cost > free:
+            break
+        budget[i] += cost
+        free -= cost
+    return budget
+
+
+def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_by_tier, hotness=None,
+              shares=None) -> PrecisionMap:
+    """Uniform or hot/cold map, or the starting map of dynamic and frozen, within `layer_budgets`. Hot/cold: per
+    layer the largest N such that the N hottest experts (by profiled routed probability mass) at bits_high and the
+    rest at bits_low fit the layer's budget. Dynamic/frozen: the N hottest fill the layer's pool of `high_slots`
+    high-precision slots, every low version staying resident. `shares`: profiled shares (allocation: hotness)."""
     full = bytes_by_tier[FULL_BITS]
     full_total = int(sum(int(full[i].sum()) for i in layers))
     if precision.policy == "full":
@@ -74,29 +122,29 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
         used = sum(int(bytes_by_tier[precision.bits_low][i].sum()) for i in layers)
         return PrecisionMap(bits, used, full_total, None)
 
+    budgets = layer_budgets(precision, bytes_by_tier, shares)
     if precision.policy == "offload":
         # Weights stay at full precision; what is resident is a per-layer LRU cache of whole experts.
         bits = {i: torch.full((num_experts,), FULL_BITS) for i in layers}
-        resident = sum(int(precision.memory_budget * int(full[i].sum())) // int(full[i].max()) * int(full[i].max())
-                       for i in layers)
-        return PrecisionMap(bits, resident, full_total, int(precision.memory_budget * full_total))
+        resident = sum(budgets[i] // int(full[i].max()) * int(full[i].max()) for i in layers)
+        return PrecisionMap(bits, resident, full_total, total_budget(precision, full))
 
     hi, lo = precision.bits_high, precision.bits_low
     bits, used = {}, 0
     for i in layers:
-        budget = precision.memory_budget * int(full[i].sum())
+        budget = budgets[i]
         order = hotness[i]  # expert ids, hottest first
         b_hi, b_lo = bytes_by_tier[hi][i], bytes_by_tier[lo][i]
         layer_bits = torch.full((num_experts,), lo)
         cost = int(b_lo.sum())
         if cost > budget:
-            raise BudgetError(f"memory_budget {precision.memory_budget:g} is below the smallest feasible for tiers "
-                              f"({hi}, {lo}): all experts of layer {i} at {lo} bit need {cost / int(full[i].sum()):.4f} "
-                              f"of the 16-bit bytes")
+            raise BudgetError(f"{budget_text(precision)} is below the smallest feasible for tiers ({hi}, {lo}): all "
+                              f"experts of layer {i} at {lo} bit need {cost / int(full[i].sum()):.4f} of the 16-bit "
+                              f"bytes")
         if precision.policy in ("dynamic", "frozen"):
             # Online policies: every low version resident plus a pool of N high slots (dynamic.py); the starting
             # map fills the pool with the N hottest experts, and what the pool holds is allocated whether used or not.
-            n = high_slots(int(budget), b_lo, b_hi)
+            n = high_slots(budget, b_lo, b_hi)
             layer_bits[torch.tensor(order[:n], dtype=torch.long)] = hi
             cost += n * int(b_hi.max())
         else:
@@ -107,7 +155,7 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
                 layer_bits[e] = hi
                 cost += extra
         bits[i], used = layer_bits, used + cost
-    return PrecisionMap(bits, used, full_total, int(precision.memory_budget * full_total))
+    return PrecisionMap(bits, used, full_total, total_budget(precision, full))
 
 
 @torch.no_grad()
@@ -123,11 +171,6 @@ def apply_map(adapter, pmap: PrecisionMap, quantized: dict[int, dict]) -> None:
                 target = getattr(l.experts, name)
                 dq = dequantize(quantized[bits][f"layers.{l.index}.{name}"], dtype=target.dtype)
                 target[experts] = dq[experts].to(target.device)
-
-
-def layer_budgets(precision: Precision, full: dict[int, torch.Tensor]) -> dict[int, int]:
-    """Per-layer byte budget: memory_budget × the layer's 16-bit expert bytes."""
-    return {i: int(precision.memory_budget * int(b.sum())) for i, b in full.items()}
 
 
 @torch.no_grad()
