@@ -181,7 +181,9 @@ def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
                     hue_order=hue_order, ax=ax, errorbar=None)
         if col == "accuracy_strict":  # Wilson intervals on the bars
             for bars, pol in zip(ax.containers, hue_order):
-                for bar, grp in zip(bars, order):
+                # a variant's container holds bars only for the budgets it has (e.g. no 8/4 bit at 25 %)
+                present = [g for g in order if ((d["group"] == g) & (d["variant"] == pol)).any()]
+                for bar, grp in zip(bars, present):
                     r = d[(d["group"] == grp) & (d["variant"] == pol)]
                     if len(r):
                         r = r.iloc[0]
@@ -190,7 +192,10 @@ def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
                                     [100 * (r["accuracy_ci_high"] - r["accuracy_strict"])]], color="black", capsize=2, lw=1)
         ax.set_xlabel("expert memory budget (% of the 16-bit expert bytes)")
         ax.set_ylabel(label)
-        ax.legend(title="precision policy, tiers", fontsize=8, loc="lower right")
+        if ax is axes[1]:  # one legend, outside the bars
+            ax.legend(title="precision policy, tiers", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.get_legend().remove()
     full = cells[(cells["routing_policy"] == "native") & (cells["precision_policy"] == "full")]
     if not full.empty:
         axes[0].axhline(100 * full.iloc[0]["accuracy_strict"], color="black", ls="--", lw=1)
