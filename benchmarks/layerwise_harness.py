@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,11 +23,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_on_random_checkpoint(script: str, argv: list[str], layers: int, experts: int) -> dict:
-    """Write a random bf16 checkpoint with Qwen3-30B-A3B layer shapes (hidden 2048, `experts` experts, top-8,
-    moe_intermediate 768, 32 q / 4 kv heads of 128, per-expert tensors as on the hub) but `layers` layers and the
-    embedded model's 512-token vocabulary, then run `script --child --ckpt DIR argv` on it. Returns the child's JSON
-    line plus ckpt_bytes, write_s (not part of any measurement) and the load average at the start."""
+@contextmanager
+def random_checkpoint(layers: int, experts: int):
+    """Yield (dir, bytes, write seconds) of a random bf16 checkpoint with Qwen3-30B-A3B layer shapes (hidden 2048,
+    `experts` experts, top-8, moe_intermediate 768, 32 q / 4 kv heads of 128, per-expert tensors as on the hub) but
+    `layers` layers and the embedded model's 512-token vocabulary, in a temporary directory removed afterwards."""
     from transformers import Qwen3MoeConfig
 
     from moesweep.layerwise import write_random_checkpoint
@@ -39,24 +40,39 @@ def run_on_random_checkpoint(script: str, argv: list[str], layers: int, experts:
         t0 = time.perf_counter()
         ckpt = write_random_checkpoint(Path(tmp) / "ckpt", cfg, REPO / "resources/models/tiny-qwen3-moe")
         write_s = time.perf_counter() - t0
-        ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        yield ckpt, sum(f.stat().st_size for f in ckpt.glob("*.safetensors")), write_s
+
+
+def run_child(script: str, ckpt, argv: list[str]) -> dict:
+    """Run `script --child --ckpt DIR argv` in a fresh process; its last stdout line (JSON) plus process_s, the
+    child's wall time including interpreter start-up and imports."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--child", "--ckpt", str(ckpt), *argv],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"child failed:\n{proc.stderr[-4000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t0}
+
+
+def run_on_random_checkpoint(script: str, argv: list[str], layers: int, experts: int) -> dict:
+    """Write a random checkpoint (random_checkpoint) and run `script --child --ckpt DIR argv` on it once. Returns
+    the child's JSON line plus ckpt_bytes, write_s (not part of any measurement) and the load average at the start."""
+    with random_checkpoint(layers, experts) as (ckpt, ckpt_bytes, write_s):
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        proc = subprocess.run([sys.executable, script, "--child", "--ckpt", str(ckpt), *argv],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"child failed:\n{proc.stderr[-4000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res = run_child(script, ckpt, argv)
     return {**res, "ckpt_bytes": ckpt_bytes, "write_s": write_s, "load": load}
 
 
-def header(title: str, script: str, argv: list[str], threads: int, load: str) -> list[str]:
+def header(title: str, script: str, argv: list[str], threads: int, load: str,
+           accelerator: str = "CPU only") -> list[str]:
     import torch
     import transformers
 
     cmdline = " ".join([f".venv/bin/python benchmarks/{Path(script).name}", *argv])
     return [f"# {title}", "", f"Command: `{cmdline}`  ",
-            f"Hardware: {cpu_name()}, {threads} torch threads, CPU only; load average at start {load} "
-            f"(the machine's 2 cores may be shared with other jobs: times are upper bounds)  ",
+            f"Hardware: {cpu_name()}, {threads} torch threads, {accelerator}; load average at start {load}"
+            + (" (the machine's 2 cores may be shared with other jobs: times are upper bounds)  " if accelerator ==
+               "CPU only" else "  "),
             f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}  "]
 

@@ -152,10 +152,17 @@ def read_calibration(path: str, model_id: str) -> tuple[dict, dict, dict]:
     return hess, counts, reader.meta
 
 
-def _relative_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per expert ||X ΔWᵀ||_F / ||X Wᵀ||_F, computed from the held-out H = XᵀX as tr(ΔW H ΔWᵀ)."""
-    num = torch.einsum("eoi,eij,eoj->e", delta.double(), hessian.double(), delta.double())
-    den = torch.einsum("eoi,eij,eoj->e", weight.double(), hessian.double(), weight.double())
+def _output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per expert ||X Wᵀ||_F² = tr(W H Wᵀ) from the held-out H = XᵀX (float64)."""
+    return torch.einsum("eoi,eij,eoj->e", weight.double(), hessian.double(), weight.double())
+
+
+def _relative_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
+                    energy: torch.Tensor | None = None) -> torch.Tensor:
+    """Per expert ||X ΔWᵀ||_F / ||X Wᵀ||_F. `energy`: _output_energy(weight, hessian), which does not depend on
+    the width, computed once when several widths are measured (it is half of the cost)."""
+    num = _output_energy(delta, hessian)
+    den = _output_energy(weight, hessian) if energy is None else energy
     return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().float()
 
 
@@ -166,11 +173,11 @@ def _spec(quant_cfg: dict, bits: int, method: str):
                      method=method, damp=quant_cfg.get("damp", 0.01), min_tokens=quant_cfg.get("min_tokens", 0))
 
 
-def _error_rows(layer: int, name: str, weight, q, counts, counts_ho, hess_ho) -> list[dict]:
+def _error_rows(layer: int, name: str, weight, q, counts, counts_ho, hess_ho, energy=None) -> list[dict]:
     """Rows of the error table for one projection; the error is computed where the weight lies."""
     from .quant import dequantize, expert_nbytes
 
-    err = _relative_error(dequantize(q).to(weight.device) - weight, weight, hess_ho.to(weight.device)).cpu()
+    err = _relative_error(dequantize(q).to(weight.device) - weight, weight, hess_ho.to(weight.device), energy).cpu()
     nbytes = expert_nbytes(q)
     spec = q.spec
     return [{"layer": layer, "expert": e, "projection": name, "method": spec.method, "bits": spec.bits,
@@ -194,8 +201,9 @@ def _quantize_projection(layer: int, name: str, weight, hessian, counts, counts_
     for e0 in range(0, E, EXPERT_CHUNK):
         sl = slice(e0, min(e0 + EXPERT_CHUNK, E))
         qs = quantize_all_widths(weight[sl], hessian[sl] if gptq else None, counts[sl] if gptq else None, specs)
+        energy = _output_energy(weight[sl], hess_ho[sl].to(weight.device))  # shared by the widths
         for i, q in enumerate(qs):
-            rows = _error_rows(layer, name, weight[sl], q, counts[sl], counts_ho[sl], hess_ho[sl])
+            rows = _error_rows(layer, name, weight[sl], q, counts[sl], counts_ho[sl], hess_ho[sl], energy)
             for r in rows:
                 r["expert"] += e0
             parts[i].append((q, rows))
