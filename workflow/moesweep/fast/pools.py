@@ -48,7 +48,7 @@ def _tier_parts(tier: ExpertTier) -> tuple:
     return tier.weight, tier.scales, tier.zeros
 
 
-def _host_version(module, quantized_layer, bits, device) -> dict[str, tuple]:
+def _host_version(module, quantized_layer, bits) -> dict[str, tuple]:
     """Per projection (weight, scales, zeros) of every expert at `bits`, in pinned host memory."""
     out = {}
     for p in PROJECTIONS:
@@ -106,7 +106,7 @@ class DevicePrecisionPools:
         self.host_high, self.pools, self.experts = [], [], {}
         for li, l in enumerate(layers):
             high = _host_version(l.experts, {b: {p: quantized[b][f"layers.{l.index}.{p}"] for p in PROJECTIONS}
-                                             for b in quantized}, bits_high, self.device)
+                                             for b in quantized}, bits_high)
             low = {p: (full_tier(getattr(l.experts, p)) if bits_low == FULL_BITS else
                        quantized_tier(quantized[bits_low][f"layers.{l.index}.{p}"], self.device)) for p in PROJECTIONS}
             self.host_high.append({p: host for p, (_, host) in high.items()})
@@ -126,7 +126,6 @@ class DevicePrecisionPools:
         torch.cuda.current_stream().wait_stream(self.copy_stream)  # nothing of a previous run still copying
         self.high = self.start_high.clone()  # committed map (a promotion in flight counts as high: its slot is taken)
         self.slot_of = torch.full(self.high.shape, -1, dtype=torch.int32)  # host: pool slot of each high expert
-        self.free = []
         for li in range(len(self.layer_ids)):
             experts = self.high[li].nonzero().flatten().tolist()
             assert len(experts) <= self.slots[li], f"starting map of layer {self.layer_ids[li]} exceeds its pool"
@@ -134,7 +133,6 @@ class DevicePrecisionPools:
                 for p in PROJECTIONS:
                     _copy_expert(self.pools[li][p], self.host_high[li][p], e, slot)
                 self.slot_of[li, e] = slot
-            self.free.append(list(range(len(experts), self.slots[li])))
         self.serving = self.slot_of.clone()  # host mirror of hi_table: slots whose copy has completed
         self._push_tables()
         self.score.copy_(self.start_score)
