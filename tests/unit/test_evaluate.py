@@ -59,8 +59,10 @@ def test_resolve_engine_auto_and_explicit_choices():
     assert resolve_engine("auto", "cuda", {3}, "bfloat16") == "reference"  # 3-bit codes
     assert resolve_engine("auto", "cuda", {16}, "float32") == "reference"  # no silent dtype change
     assert resolve_engine("reference", "cuda", {16}, "bfloat16") == "reference"
+    assert resolve_engine("auto", "cuda", {16}, "bfloat16", "mixtral") == "reference"  # Qwen3-MoE only
     for args, why in [(("cpu", {16}, "bfloat16"), "needs CUDA"),
                       (("cuda", {8, 3}, "bfloat16"), "include one outside"),
-                      (("cuda", {16}, "float32"), "bfloat16")]:
+                      (("cuda", {16}, "float32"), "bfloat16"),
+                      (("cuda", {16}, "bfloat16", "olmoe"), "serves model_type qwen3_moe, not 'olmoe'")]:
         with pytest.raises(ValueError, match=why):
             resolve_engine("fast", *args)

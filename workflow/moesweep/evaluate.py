@@ -41,13 +41,18 @@ def hardware_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def resolve_engine(requested: str, device: str, widths: set[int], dtype: str) -> str:
+FAST_MODEL_TYPES = ("qwen3_moe",)  # the fast engine drives Qwen3-MoE's modules (q/k norms, rotary, fused experts)
+
+
+def resolve_engine(requested: str, device: str, widths: set[int], dtype: str, model_type: str = "qwen3_moe") -> str:
     """'fast' or 'reference' for this cell. auto = fast on CUDA for what the fast engine serves, else reference
     (the choice is recorded in the `engine` column of every result row). The fast kernels compute in bfloat16, so
     it also needs model.dtype: bfloat16 — never a silent change of the compute dtype between cells of a sweep."""
     reason = None
     if not device.startswith("cuda"):
         reason = "it needs CUDA"
+    elif model_type not in FAST_MODEL_TYPES:
+        reason = f"it serves model_type {', '.join(FAST_MODEL_TYPES)}, not {model_type!r}"
     elif not widths <= set(FAST_BITS):
         reason = f"widths {sorted(widths)} include one outside {FAST_BITS}"
     elif dtype != "bfloat16":
@@ -111,13 +116,14 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     device = resolve_device(ev["device"], "evaluate.device")
     pc = cell_rec.precision
     dtype = mcfg.get("dtype", "float32")
-    engine = resolve_engine(ev.get("engine", "auto"), device, {pc.bits_high, pc.bits_low}, dtype)
 
     problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
     preset = get_preset(pr["preset"])
     fewshot = select_fewshot(preset, fewshot_pool(ds, preset, seed), seed)
     model, tokenizer, adapter = load_model(mcfg["id"], dtype, device, mcfg.get("revision"),
                                            mcfg.get("trust_remote_code", False))
+    engine = resolve_engine(ev.get("engine", "auto"), device, {pc.bits_high, pc.bits_low}, dtype,
+                            model.config.model_type)
     chat = tokenizer if pr.get("chat_template") else None
     prompts = [build_prompt(preset, p["question"], fewshot, chat_template=chat) for p in problems]
 
