@@ -94,7 +94,9 @@ def test_after_swaps_the_pools_compute_what_a_static_map_does(setup, synchronous
     engine.generate(tokenizer, _prompts(8), 48, batch_size=8)  # reads each step's tokens, as evaluate does
     pools.finish()
     assert pools.stats.transitions > 0 and pools.stats.bytes_moved > 0
-    assert pools.stats.switch_lag_calls == 0 if synchronous else pools.stats.switch_lag_calls >= 0
+    # synchronous: switched at the decision's own call; asynchronous: at a later call boundary once the copy is in
+    # (only promotions of a decision at the very last call can be switched by finish() without a lag)
+    assert pools.stats.switch_lag_calls == 0 if synchronous else pools.stats.switch_lag_calls > 0
     assert torch.equal(pools.serving >= 0, pools.high)  # every committed promotion is served
     assert all(int(pools.high[li].sum()) <= pools.slots[li] for li in range(len(pools.slots)))
     assert torch.equal(pools.served_high.cpu(), pools.high)
@@ -162,7 +164,6 @@ def test_asynchronous_decode_never_waits_on_the_host(setup, monkeypatch):
 
 
 def test_offload_gives_full_precision_outputs_and_counts_fetches(setup):
-    from moesweep.dynamic import OffloadCache
     from moesweep.fast.engine import FastQwen3MoeEngine
     from moesweep.fast.pools import DeviceOffload
     from moesweep.precision import full_expert_bytes
@@ -180,9 +181,7 @@ def test_offload_gives_full_precision_outputs_and_counts_fetches(setup):
     engine = FastQwen3MoeEngine(model, adapter, Routing(), None, {}, online=offload)
     got, _ = engine.generate(tokenizer, prompts, 32, batch_size=8)
     assert [c.text for c in got] == [c.text for c in expected]
-    # the same LRU bookkeeping on the routed sets the reference engine's accounting saw
     assert offload.misses > 0 and offload.bytes_moved == offload.misses * int(full[layers[0]][0])
-    assert isinstance(offload.cache, OffloadCache)
 
 
 @pytest.fixture(scope="module")

@@ -107,16 +107,16 @@ def check_family_config(cfg: dict, where: str) -> None:
                           f"router always selects exactly {PHIMOE_TOP_K} experts; allowed: {PHIMOE_TOP_K}")
 
 
-def moe_layer_count(cfg: dict) -> int:
+def moe_layer_indices(cfg: dict) -> tuple[int, ...]:
     """Decoder layers with routed experts (Qwen-MoE's decoder_sparse_step / mlp_only_layers; else every layer)."""
-    step = cfg.get("decoder_sparse_step") or 1
+    step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or [])
-    return sum(1 for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
 
 
 def full_expert_bytes_total(cfg: dict) -> int:
     """16-bit bytes of every routed expert of the checkpoint (gate, up, down), the scale of memory budgets."""
-    return 3 * cfg["hidden_size"] * expert_intermediate_size(cfg) * 2 * num_experts(cfg) * moe_layer_count(cfg)
+    return 3 * cfg["hidden_size"] * expert_intermediate_size(cfg) * 2 * num_experts(cfg) * len(moe_layer_indices(cfg))
 
 
 def smallest_budget(cfg: dict, bits_low: int, quant: dict) -> float:

@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from .checks import moe_layer_indices
+
 HARDWARE_FILE = Path(__file__).resolve().parents[2] / "config" / "hardware.yaml"
 WEIGHT_BYTES = 2  # non-expert weights at 16 bit (see the module docstring)
 KV_BYTES = 2  # bf16/fp16 KV cache
@@ -122,8 +124,7 @@ class ModelShapes:
         hidden = int(need("hidden_size"))
         num_experts = int(next(iter(experts.values())))
         # the sparse-layer rule of transformers' Qwen3MoeDecoderLayer
-        mlp_only, step = set(cfg.get("mlp_only_layers") or []), int(cfg.get("decoder_sparse_step") or 1)
-        moe = tuple(i for i in range(layers) if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
+        moe = moe_layer_indices(cfg) if num_experts > 0 else ()
         dense_inter = int(need("intermediate_size")) if len(moe) < layers else int(cfg.get("intermediate_size") or 0)
         return cls(name=name or str(cfg.get("_name_or_path") or "model"), layers=layers, hidden=hidden, heads=heads,
                    kv_heads=int(need("num_key_value_heads")),

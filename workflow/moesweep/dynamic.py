@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .precision import high_slots
+from .precision import assert_pool_budget, high_slots
 
 
 def plan_transitions(score: torch.Tensor, high: torch.Tensor, delta: float, rate_limit: int) -> list[tuple[int, int]]:
@@ -96,10 +96,8 @@ class DynamicPrecision:
         return int(self.bytes[self.lo][layer].sum()) + self.slots[layer] * int(self.bytes[self.hi][layer].max())
 
     def assert_budget(self, layer: int) -> None:
-        used, n = self.resident_bytes(layer), int(self.high[layer].sum())
-        assert n <= self.slots[layer] and used <= self.budget[layer], (
-            f"layer {layer}: {n} high-precision experts in {self.slots[layer]} slots, {used} resident expert bytes; "
-            f"they exceed the budget {self.budget[layer]}")
+        assert_pool_budget(layer, int(self.high[layer].sum()), self.slots[layer], self.resident_bytes(layer),
+                           self.budget[layer])
 
     def observe(self, layer: int, index: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor) -> None:
         """Router output of one layer in the current call: accumulate routed probability mass per expert."""

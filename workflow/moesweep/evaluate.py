@@ -18,7 +18,7 @@ from .grid import FULL_BITS, Cell, config_hash
 from .fast import FAST_BITS
 from .model import install_policy, load_model, resolve_device
 from .dynamic import DynamicPrecision, OffloadCache
-from .precision import apply_map, build_map, expert_versions, full_expert_bytes, layer_budgets, tier_bytes
+from .precision import apply_map, build_map, expert_versions, full_expert_bytes, tier_bytes
 from .routing import RoutingContext
 from .costmodel import SHAPE_MODEL_TYPES, HostTrafficMeter, ModelShapes
 from .scoring import exact_match, extract_flexible, extract_strict, numeric_equal, wilson_interval
@@ -133,7 +133,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
     hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
     pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness, shares)
-    budgets = layer_budgets(pc, bytes_by_tier, shares) if pmap.budget_bytes is not None else None
+    budgets = pmap.layer_budgets
     online = pc.policy in ("dynamic", "frozen", "offload")
     versions = (expert_versions(adapter, quantized, {pc.bits_high, pc.bits_low})
                 if engine == "reference" and pc.policy in ("dynamic", "frozen") else None)

@@ -28,12 +28,20 @@ def high_slots(budget: int, low_bytes: torch.Tensor, high_bytes: torch.Tensor) -
     return min(len(low_bytes), free // int(high_bytes.max()))
 
 
+def assert_pool_budget(layer: int, n_high: int, slots: int, resident: int, budget: int) -> None:
+    """The online policies' invariant, checked after each half of a transition by both controllers."""
+    assert n_high <= slots and resident <= budget, (
+        f"layer {layer}: {n_high} high-precision experts in {slots} slots, {resident} resident expert bytes; "
+        f"they exceed the budget {budget}")
+
+
 @dataclass
 class PrecisionMap:
     bits: dict[int, torch.Tensor]  # layer -> [E] int width per expert
     expert_bytes: int  # resident expert-weight bytes of this map
     full_bytes: int  # the same experts at 16 bit
     budget_bytes: int | None
+    layer_budgets: dict[int, int] | None = None  # the budget of each layer (policies with a budget)
 
     def hot_masks(self, high: int) -> dict[int, torch.Tensor]:
         return {layer: b == high for layer, b in self.bits.items()}
@@ -127,7 +135,7 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
         # Weights stay at full precision; what is resident is a per-layer LRU cache of whole experts.
         bits = {i: torch.full((num_experts,), FULL_BITS) for i in layers}
         resident = sum(budgets[i] // int(full[i].max()) * int(full[i].max()) for i in layers)
-        return PrecisionMap(bits, resident, full_total, total_budget(precision, full))
+        return PrecisionMap(bits, resident, full_total, total_budget(precision, full), budgets)
 
     hi, lo = precision.bits_high, precision.bits_low
     bits, used = {}, 0
@@ -155,7 +163,7 @@ def build_map(precision: Precision, layers: list[int], num_experts: int, bytes_b
                 layer_bits[e] = hi
                 cost += extra
         bits[i], used = layer_bits, used + cost
-    return PrecisionMap(bits, used, full_total, total_budget(precision, full))
+    return PrecisionMap(bits, used, full_total, total_budget(precision, full), budgets)
 
 
 @torch.no_grad()

@@ -99,7 +99,8 @@ class FastQwen3MoeEngine:
                  skip_betas: dict[int, float] | None = None, hot_masks: dict[int, torch.Tensor] | None = None,
                  compile: bool = True, online=None):
         """online: a fast/pools.py controller (dynamic, frozen, offload) that owns the experts of every layer and
-        their precision; `widths`/`quantized`/`hot_masks` are then unused. compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
+        their precision; `widths`/`quantized`/`hot_masks` are then unused.
+        compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
         step goes through torch.compile, which fuses its ~100 small kernels per layer into a handful; the captured
         CUDA graph then replays those. Prefill always runs eagerly (its shapes change with every batch)."""
         cfg = model.config

@@ -34,7 +34,7 @@ import torch
 
 from ..dynamic import DynamicStats, OffloadCache, plan_transitions
 from ..grid import FULL_BITS
-from ..precision import high_slots
+from ..precision import assert_pool_budget, high_slots
 from .kernels import ExpertTier, grouped_expert_matmul
 from .moe import PROJECTIONS, FastMoeExperts, block_m, expert_buffers, full_tier, quantized_tier
 
@@ -158,10 +158,8 @@ class DevicePrecisionPools:
 
     def assert_budget(self, li: int) -> None:
         n = int(self.high[li].sum())
-        used = self.low_bytes[li] + n * self.high_bytes[li]
-        assert n <= self.slots[li] and used <= self.budget[li], (
-            f"layer {self.layer_ids[li]}: {n} high-precision experts in {self.slots[li]} slots, {used} resident "
-            f"expert bytes; they exceed the budget {self.budget[li]}")
+        assert_pool_budget(self.layer_ids[li], n, self.slots[li], self.low_bytes[li] + n * self.high_bytes[li],
+                           self.budget[li])
 
     # -- per forward call -----------------------------------------------------------------------------------------
     def after_forward(self) -> None:
