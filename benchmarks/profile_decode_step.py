@@ -26,6 +26,20 @@ from moesweep.grid import Routing  # noqa: E402
 from moesweep.model import Qwen3MoeAdapter  # noqa: E402
 
 
+def _one_layer(prof, steps: int) -> list[tuple[str, float]]:
+    """(name, µs) of the kernels between the down-projection expert launches of two consecutive layers, in start
+    order, from the middle replay: what one decoder layer launches."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_step = len(events) // steps
+    step = events[per_step * (steps // 2): per_step * (steps // 2 + 1)]
+    experts = [i for i, e in enumerate(step) if "expert" in e.name]
+    if len(experts) < 6:
+        return []
+    a, b = experts[3], experts[5]  # gate_up and down of each layer: from layer 1's down to layer 2's down
+    return [(e.name, e.time_range.end - e.time_range.start) for e in step[a + 1:b + 1]]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=48)
@@ -57,6 +71,7 @@ def main(argv=None):
                 graph.replay()
             torch.cuda.synchronize()
     kernels = {}
+    sequence = _one_layer(prof, args.steps)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels.setdefault(e.name, [0, 0.0])
@@ -76,6 +91,9 @@ def main(argv=None):
     for name, (n, t) in rows[:args.top]:
         lines.append(f"| `{name[:90]}` | {n / args.steps:.0f} | {t / args.steps:.0f} | {t / args.steps / total_us:.1%} | "
                      f"{t / n:.1f} |")
+    lines += ["", f"## The kernels of one decoder layer in launch order ({len(sequence)} kernels, "
+              f"{sum(t for _, t in sequence):.1f} µs)", "", "| # | kernel | µs |", "|---|---|---|"]
+    lines += [f"| {i} | `{name[:90]}` | {t:.1f} |" for i, (name, t) in enumerate(sequence)]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,8 +139,13 @@ def policy_k(policy: Routing, native_k: int) -> int:
 
 
 def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool,
-          valid: torch.Tensor | None = None, skip_beta: float | None = None):
+          valid: torch.Tensor | None = None, skip_beta: float | None = None, sort_topk: bool = False):
     """Apply a routing policy to router probabilities [T, E] (float32).
+
+    sort_topk: take the k largest from a stable descending sort instead of torch.topk: the same experts and
+    weights, except that exactly equal probabilities (bf16 router logits can tie) go to the lower expert id,
+    where torch.topk leaves the order unspecified. The fast engine's compiled decode step uses it because
+    inductor writes a sort into its own Triton kernel, while topk is two ATen launches per layer.
 
     Returns (top_k_index [T, k′] long with sentinel E for dropped, top_k_weights [T, k′] float32,
     keep_before_capacity [T, k′] bool, keep [T, k′] bool).
@@ -149,7 +154,10 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
     k = policy_k(policy, native_k)
     renorm = native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
 
-    weights, index = torch.topk(probs, k, dim=-1)
+    if sort_topk:
+        weights, index = (t[:, :k] for t in torch.sort(probs, dim=-1, descending=True, stable=True))
+    else:
+        weights, index = torch.topk(probs, k, dim=-1)
     keep = torch.ones_like(index, dtype=torch.bool)
     if policy.policy == "skip":
         if skip_beta is None:

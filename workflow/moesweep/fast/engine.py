@@ -2,9 +2,17 @@
 
 Why not `generate`: NOTES.md §6 measured it overhead-bound on the H200 (13.7 tok/s at batch 1, the same under
 top-1 routing), and `torch.compile(mode="reduce-overhead")` over transformers' static cache crashed. So this
-module owns the cache and the graph, and reuses the checkpoint's own modules (embedding, norms, attention
-projections, rotary embedding, lm_head) so the weights and dense numerics are transformers' own. The MoE block
-is replaced by the policy's router (routing.route, which has no host synchronisation) and FastMoeExperts.
+module owns the cache and the graph, and reuses the checkpoint's own weights (embedding, norms, attention
+projections, rotary embedding, lm_head). The MoE block is replaced by the policy's router (routing.route, which
+has no host synchronisation) and FastMoeExperts.
+
+A decode step is one CUDA graph of few launches per layer, because at batch 1 the weights of a layer take ~40 µs
+to read and every launch costs a few µs (benchmarks/results/profile_decode_step_h200.md counted 45 per layer
+before this layout): the residual + norm + one q/k/v GEMM over fused weights (fuse_qkv; compiled), one kernel for
+the q/k norms, rotary and the cache write, a split-K decode attention and its combine (fast/attention.py), the
+o-projection + norm + router + policy + accounting (compiled; top-k by a sort inductor can fuse), the expert
+alignment (one launch) and the grouped expert kernels (fast/kernels.py). Prefill runs eagerly with transformers'
+attention composition over SDPA.
 
 Batch semantics equal the reference engine's (engine.py): left padding, prompts sorted by length, greedy, and
 tokens of padding or finished sequences are not tokens of the batch (they are routed nowhere, use no capacity
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from ..engine import Completion, GenerationTiming, _finish, length_sorted_batches
 from ..grid import Routing
 from ..routing import LayerRoutingStats, policy_k, route, routing_increments
+from .attention import decode_attention, qk_norm_rope_store
 from .kernels import align_assignments
 from .moe import FastMoeExperts
 
@@ -48,25 +57,56 @@ def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, co
     return x, q, k, v
 
 
+def _qkv_decode(x, moe_out, ln, w_qkv, b_qkv, eps):
+    """Decode step, x [B, H]: the previous layer's expert outputs into the residual, input norm, and q/k/v as one
+    GEMM over the fused weight (fuse_qkv); the per-head norms, rotary and cache write follow in one kernel."""
+    if moe_out is not None:
+        x = x + moe_out.view(x.shape[0], -1, x.shape[1]).sum(1).to(x.dtype)
+    return x, F.linear(_rms_norm(x, ln, eps), w_qkv, b_qkv)
+
+
 def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
-                 decode, track_mass):
-    """Attention output into the residual, post-attention norm, the policy's routing, its accounting increments
-    and the expert-sorted assignment blocks; with track_mass also the router probability mass routed to each
-    expert (dynamic precision's hotness input, as dynamic.DynamicPrecision.observe). All on the device; nothing
-    here reads a value back to the host."""
-    B, S, H = x.shape
+                 decode, counts_acc, load_acc, mass_acc):
+    """Attention output into the residual, post-attention norm, the policy's routing, its accounting (added in
+    place into counts_acc / load_acc) and the expert-sorted assignment blocks; with mass_acc also the router
+    probability mass routed to each expert (dynamic precision's hotness input, as
+    dynamic.DynamicPrecision.observe). All on the device; nothing here reads a value back to the host, and the
+    accumulators are updated inside the compiled graph (no extra launches)."""
+    H = x.shape[-1]
     x = x + F.linear(o, wo, bo)
-    h = _rms_norm(x, post_ln, eps).reshape(B * S, H)
+    h = _rms_norm(x, post_ln, eps).reshape(-1, H)
     probs = F.softmax(F.linear(h, router), dim=-1, dtype=torch.float)
-    index, weights, keep_policy, keep = route(probs, routing, top_k, norm, valid, beta)
+    index, weights, keep_policy, keep = route(probs, routing, top_k, norm, valid, beta, sort_topk=True)
     sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
     counts, hits = routing_increments(valid, keep_policy, keep, index, hot, num_experts, decode)
-    mass = None
-    if track_mass:  # dropped assignments carry the sentinel index E: their bucket is cut off
+    counts_acc += counts
+    load_acc += hits
+    if mass_acc is not None:  # dropped assignments carry the sentinel index E: their bucket is cut off
         routed_probs = probs.gather(1, index.clamp_max(num_experts - 1)).double() * keep
-        mass = torch.zeros(num_experts + 1, dtype=torch.float64, device=x.device).scatter_add_(
+        mass_acc += torch.zeros(num_experts + 1, dtype=torch.float64, device=x.device).scatter_add_(
             0, index.flatten(), routed_probs.flatten())[:num_experts]
-    return x, h, weights, sorted_assign, block_expert, counts, hits, mass
+    return x, h, weights, sorted_assign, block_expert, hits
+
+
+def fuse_qkv(attention) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [q; k; v] weight (and bias) for the attention's projections, which become views of it: the decode step
+    then reads all three with one GEMM launch instead of three, and no weight is stored twice. Values unchanged,
+    so transformers' own forward of the model still computes the same. Idempotent (a second engine on the same
+    model reuses the fused tensors)."""
+    if not hasattr(attention, "moesweep_qkv"):
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        fused = []
+        for name in ("weight", "bias"):
+            parts = [getattr(p, name) for p in projections]
+            if any(t is None for t in parts):
+                fused.append(None)  # Qwen3-MoE: attention_bias applies to all three or none
+                continue
+            whole = torch.cat([t.detach() for t in parts])
+            for p, view in zip(projections, whole.split([t.shape[0] for t in parts])):
+                getattr(p, name).data = view
+            fused.append(whole)
+        attention.moesweep_qkv = tuple(fused)
+    return attention.moesweep_qkv
 
 
 class DeviceRoutingStats:
@@ -75,7 +115,7 @@ class DeviceRoutingStats:
 
     def __init__(self, layers: list[int], num_experts: int, device):
         self.layers, self.num_experts = layers, num_experts
-        self.counts = torch.zeros(len(LayerRoutingStats.COUNTERS), len(layers), dtype=torch.int64, device=device)
+        self.counts = torch.zeros(len(layers), len(LayerRoutingStats.COUNTERS), dtype=torch.int64, device=device)
         self.load = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
 
     def reset(self):
@@ -87,7 +127,7 @@ class DeviceRoutingStats:
         out = {}
         for i, layer in enumerate(self.layers):
             s = LayerRoutingStats(self.num_experts)
-            s.add(counts[:, i].tolist(), load[i])
+            s.add(counts[i].tolist(), load[i])
             out[layer] = s
         return out
 
@@ -100,9 +140,10 @@ class FastQwen3MoeEngine:
                  compile: bool = True, online=None):
         """online: a fast/pools.py controller (dynamic, frozen, offload) that owns the experts of every layer and
         their precision; `widths`/`quantized`/`hot_masks` are then unused.
-        compile: the per-layer glue (norms, q/k/v, rotary, routing, accounting, block alignment) of the decode
-        step goes through torch.compile, which fuses its ~100 small kernels per layer into a handful; the captured
-        CUDA graph then replays those. Prefill always runs eagerly (its shapes change with every batch)."""
+        compile: the per-layer glue of the decode step (residual, norms and the q/k/v GEMM; o-projection, routing,
+        accounting, block alignment) goes through torch.compile, which fuses its ~100 small kernels per layer into
+        a handful; the captured CUDA graph then replays those. Prefill always runs eagerly (its shapes change
+        with every batch)."""
         cfg = model.config
         if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", False):
             raise ValueError("the fast engine has no sliding-window attention; use evaluate.engine: reference")
@@ -122,12 +163,14 @@ class FastQwen3MoeEngine:
                 self.experts[l.index] = FastMoeExperts.static(l.experts, widths[l.index], per_bits)
             self.hot = {i: m.to(self.device) for i, m in (hot_masks or {}).items()}
         self._track_mass = online is not None and online.mass is not None
-        self._capture = online is None or online.graph_safe
+        # CPU (CI: Triton's interpreter) runs the same decode step eagerly: it checks the logic, not the speed
+        self._capture = (online is None or online.graph_safe) and self.device.type == "cuda"
         self.stats = DeviceRoutingStats([l.index for l in self.layers], self.num_experts, self.device)
         self._k = policy_k(routing, self.top_k)  # assignments per token
         self._eps = cfg.rms_norm_eps
         self._head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._scaling = self._head_dim ** -0.5
+        self._heads = cfg.num_attention_heads
         self._params = self._collect_params()
         self._compiled = None
         if compile:
@@ -138,7 +181,7 @@ class FastQwen3MoeEngine:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             torch._dynamo.config.accumulated_cache_size_limit = max(
                 torch._dynamo.config.accumulated_cache_size_limit, 512)
-            self._compiled = (torch.compile(_attention_inputs, dynamic=False), torch.compile(_route_block, dynamic=False))
+            self._compiled = (torch.compile(_qkv_decode, dynamic=False), torch.compile(_route_block, dynamic=False))
         self.eos = None
         self.context = None
         self._graphs: dict[int, tuple] = {}
@@ -146,50 +189,84 @@ class FastQwen3MoeEngine:
 
     # -- model ---------------------------------------------------------------------------------------------------
     def _forward(self, input_ids, positions, write_pos, key_mask, valid, decode: bool):
-        """input_ids/positions [B, S]; write_pos [S] cache slots of these tokens; key_mask [B, 1, S, L] bool."""
+        """input_ids/positions [B, S]; write_pos [S] cache slots of these tokens; key_mask [B, 1, S, L] bool (prefill)
+        or [B, L] (decode: S = 1, the step the CUDA graph replays)."""
         m = self.model.model
         x = m.embed_tokens(input_ids)
         cos, sin = m.rotary_emb(x, positions)
-        B, S, H = x.shape
+        if decode:
+            x, moe_out = self._decode_layers(x[:, 0], cos[:, 0], sin[:, 0], write_pos, key_mask, valid)
+        else:
+            x, moe_out = self._prefill_layers(x, cos, sin, write_pos, key_mask, valid)
+            x = x[:, -1]
+        if self.online is not None:
+            self.online.after_forward()
+        x = x + moe_out.view(x.shape[0], -1, x.shape[-1])[:, -self._k:].sum(1).to(x.dtype)
+        return self.model.lm_head(m.norm(x))
+
+    def _layer_accumulators(self, i: int) -> tuple:
+        return self.stats.counts[i], self.stats.load[i], self.online.mass[i] if self._track_mass else None
+
+    def _decode_layers(self, x, cos, sin, slot, keys, valid):
+        """One new token per row, x [B, H]: per layer the fused q/k/v GEMM, one kernel for the q/k norms, rotary
+        and cache write, the decode attention kernels, then routing and the grouped expert kernels. Written for
+        the captured step: few launches per layer, no host synchronisation."""
+        qkv_decode, route_block = self._compiled or (_qkv_decode, _route_block)
         k_cache, v_cache = self._cache
-        attention_inputs, route_block = (self._compiled if decode and self._compiled else
-                                         (_attention_inputs, _route_block))
+        B = x.shape[0]
+        q = torch.empty(B, self._heads, self._head_dim, dtype=x.dtype, device=x.device)
+        o = torch.empty_like(q)
+        moe_out = None
+        for i, l in enumerate(self.layers):
+            p = self._params[i]
+            x, qkv = qkv_decode(x, moe_out, *p["qkv"], self._eps)
+            qk_norm_rope_store(qkv, *p["qk_norm"], cos, sin, self._eps, k_cache[i, :B], v_cache[i, :B], slot, q)
+            decode_attention(q, k_cache[i, :B], v_cache[i, :B], keys, self._scaling, o)
+            x, h, weights, sorted_assign, block_expert, hits = route_block(
+                x, o.view(B, -1), *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k,
+                self.norm, self.num_experts, self.experts[l.index].block_m(B * self._k), True,
+                *self._layer_accumulators(i))
+            moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert, hits)
+        return x, moe_out
+
+    def _prefill_layers(self, x, cos, sin, write_pos, key_mask, valid):
+        """Prompts [B, S, H], eagerly (shapes change with every batch): transformers' attention composition with
+        SDPA over the static cache."""
+        k_cache, v_cache = self._cache
+        B, S, H = x.shape
         kv_heads = k_cache.shape[2]
-        groups = self.model.config.num_attention_heads // kv_heads
+        groups = self._heads // kv_heads
         # Grouped-query attention without repeating the cache: the G query heads of a KV head become G*S rows.
         mask = key_mask.unsqueeze(2).expand(B, 1, groups, S, key_mask.shape[-1]).reshape(B, 1, groups * S, -1)
         moe_out = None
         for i, l in enumerate(self.layers):
             p = self._params[i]
-            x, q, k, v = attention_inputs(x, moe_out, *p["attention"], cos, sin, self._eps, self._head_dim)
+            x, q, k, v = _attention_inputs(x, moe_out, *p["attention"], cos, sin, self._eps, self._head_dim)
             k_cache[i, :B].index_copy_(2, write_pos, k)
             v_cache[i, :B].index_copy_(2, write_pos, v)
             o = F.scaled_dot_product_attention(q.reshape(B, kv_heads, groups * S, -1), k_cache[i, :B], v_cache[i, :B],
                                                attn_mask=mask, scale=self._scaling)
             o = o.reshape(B, kv_heads * groups, S, -1).transpose(1, 2).reshape(B, S, -1)
-            x, h, weights, sorted_assign, block_expert, counts, hits, mass = route_block(
-                x, o, *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k, self.norm, self.num_experts,
-                self.experts[l.index].block_m(B * S * self._k), decode, self._track_mass)
-            self.stats.counts[:, i] += counts
-            self.stats.load[i] += hits
-            if mass is not None:
-                self.online.mass[i] += mass
+            x, h, weights, sorted_assign, block_expert, hits = _route_block(
+                x, o, *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k, self.norm,
+                self.num_experts, self.experts[l.index].block_m(B * S * self._k), False, *self._layer_accumulators(i))
             moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert, hits)
-        if self.online is not None:
-            self.online.after_forward()
-        x = x + moe_out.view(B, S, -1, H).sum(2).to(x.dtype)
-        return self.model.lm_head(m.norm(x[:, -1]))
+        return x, moe_out
 
     def _collect_params(self):
-        """Per layer, the tensors the compiled glue takes as arguments (one compiled graph serves every layer)."""
+        """Per layer, the tensors the glue takes as arguments (one compiled graph serves every layer). q/k/v are
+        fused first (fuse_qkv), so the prefill's separate projections are views of the decode step's fused weight."""
         out = []
         for l in self.layers:
             layer = self.model.model.layers[l.index]
             a = layer.self_attn
+            w_qkv, b_qkv = fuse_qkv(a)
             beta = self.betas.get(l.index)
             out.append({
                 "attention": (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
                               a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.q_norm.weight, a.k_norm.weight),
+                "qkv": (layer.input_layernorm.weight, w_qkv, b_qkv),
+                "qk_norm": (a.q_norm.weight, a.k_norm.weight),
                 "route": (a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, l.router.weight),
                 "beta": None if beta is None else torch.tensor(beta, dtype=torch.float32, device=self.device),
                 "hot": self.hot.get(l.index)})
@@ -219,7 +296,7 @@ class FastQwen3MoeEngine:
 
         def step():
             st["keys"].index_fill_(1, st["slot"], True)
-            logits = self._forward(st["token"], st["position"], st["slot"], st["keys"][:, None, None, :], st["live"], True)
+            logits = self._forward(st["token"], st["position"], st["slot"], st["keys"], st["live"], True)
             nxt = logits.argmax(-1)
             st["out"].index_copy_(1, st["slot"] + 1, nxt[:, None])
             st["live"].logical_and_(nxt != st["eos"])
@@ -227,7 +304,7 @@ class FastQwen3MoeEngine:
             st["position"].add_(1)
             st["slot"].add_(1)
 
-        if not self._capture:  # offloading: the step reads routing results on the host, so it runs eagerly
+        if not self._capture:  # offloading reads routing results on the host every layer: the step runs eagerly
             self._graphs[batch] = (st, None, step)
             return self._graphs[batch]
         # Warm-up and capture run real steps on dummy rows (no valid token, nothing routed); they must not count,
@@ -271,13 +348,12 @@ class FastQwen3MoeEngine:
             timing.decode_tokens += c.generated_tokens - 1
         return [completions[i] for i in range(len(prompts))], timing
 
-    def _generate_batch(self, batch, input_ids, attention, tokenizer, max_new_tokens, stop, stop_checks, timing,
-                        completions, read_tokens=False):
+    def _prefill(self, input_ids, attention):
+        """Prompts [B, P] (left padding: attention 0) into the cache; the decode state is set for the next step.
+        Returns (decode state, step function, first generated token [B])."""
         B, P = input_ids.shape
         L = self._cache[0].shape[3]
-        timing.prompt_tokens += int(attention.sum())
-        timing.padded_prompt_tokens += attention.numel()
-        st, graph, run_step = self._decode_state(B)
+        st, _, run_step = self._decode_state(B)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         keys = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         keys[:, :P] = attention.bool()
@@ -285,9 +361,6 @@ class FastQwen3MoeEngine:
         causal = slots[:, None] >= torch.arange(L, device=self.device)[None, :]
         # A padding query sees itself, so no attention row is empty (an empty row would be NaN and poison the cache)
         mask = (keys[:, None, None, :] & causal) | (slots[:, None] == torch.arange(L, device=self.device))
-
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
         logits = self._forward(input_ids, positions, slots, mask, attention.bool().reshape(-1), False)
         nxt = logits.argmax(-1)
         st["token"].copy_(nxt[:, None])
@@ -298,7 +371,36 @@ class FastQwen3MoeEngine:
         st["eos"].fill_(self.eos)
         st["out"][:, P] = nxt
         self._end_call("prefill")
-        torch.cuda.synchronize()
+        return st, run_step, nxt
+
+    @torch.inference_mode()
+    def forced_decode(self, input_ids: torch.Tensor, attention: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """Greedy predictions under teacher forcing: after the prompt, and after each of the N tokens forced [B, N]
+        (row b's step s is fed forced[b, s], not its own previous prediction). Returns [B, N + 1]. Checks the decode
+        step against another implementation token by token, where a free-running comparison stops meaning
+        anything after the first near-tie that the two round differently."""
+        self.eos, self.context = -1, None
+        B, P = input_ids.shape
+        self._ensure_cache(B, P + forced.shape[1] + 1)
+        st, run_step, nxt = self._prefill(input_ids, attention)
+        predicted = [nxt]
+        for s in range(forced.shape[1]):
+            st["token"].copy_(forced[:, s:s + 1])
+            run_step()
+            self._end_call("decode")
+            predicted.append(st["token"][:, 0].clone())
+        return torch.stack(predicted, 1)
+
+    def _generate_batch(self, batch, input_ids, attention, tokenizer, max_new_tokens, stop, stop_checks, timing,
+                        completions, read_tokens=False):
+        P = input_ids.shape[1]
+        timing.prompt_tokens += int(attention.sum())
+        timing.padded_prompt_tokens += attention.numel()
+        self._decode_state(input_ids.shape[0])  # capture (first time at this batch size) outside the clock
+        self._synchronize()
+        t0 = time.perf_counter()
+        st, run_step, nxt = self._prefill(input_ids, attention)
+        self._synchronize()
         t1 = time.perf_counter()
         timing.prefill_s.append(t1 - t0)
 
@@ -322,7 +424,7 @@ class FastQwen3MoeEngine:
             timing.decode_steps += 1
             if stop_checks or read_tokens:
                 step_tokens = st["token"][:, 0].tolist()  # the one host synchronisation per step
-        torch.cuda.synchronize()
+        self._synchronize()
         timing.decode_s.append(time.perf_counter() - t1)
         if not stop_checks and tokenizer is not None:
             for row, toks in enumerate(st["out"][:, P:P + max_new_tokens].tolist()):
@@ -342,6 +444,10 @@ class FastQwen3MoeEngine:
         self._generate_batch(list(range(B)), input_ids, torch.ones_like(input_ids), None, new_tokens, (), False,
                              timing, {}, read_tokens)
         return timing
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def _end_call(self, phase: str) -> None:
         """Host side, after a forward call was enqueued: the online controller's between-call work (no wait on

@@ -18,6 +18,11 @@ BK input columns is BK/P bytes; the P codes of a byte are split by shifts, and c
 activations of columns k0 + j*P + i, gathered with a stride of P. So the kernels read the stored format as it is.
 Dequantisation follows quant/core.py: W = (u - zu) * s with per-(row, group) float16 scale s and uint8 zero zu
 (symmetric: zu = 2**(b-1)).
+
+Two kernels, chosen per launch by the block size (`decode_block_m`, one value for all tiers of a layer): prefill-
+sized blocks (BM 16, 64) take `_grouped_expert_kernel` (tl.dot); decode blocks of 1, 2 or 4 rows take
+`_grouped_expert_gemv_kernel`, which multiplies without tl.dot (whose 16-row minimum made 15 of 16 rows padding at
+batch 1) and reads the same formats, with the same semantics.
 """
 from __future__ import annotations
 
@@ -150,16 +155,187 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _grouped_expert_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr,
+                                w_ptr, s_ptr, z_ptr, num_assign, x_row_div, N, K, num_experts,
+                                sx, so, sw0, sw1, ss0, ss1,
+                                BITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr,
+                                GROUP_CONST: tl.constexpr, GATE_UP: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, GK: tl.constexpr, UNROLL: tl.constexpr,
+                                EVEN_K: tl.constexpr):
+    """The decode path of _grouped_expert_kernel (same arguments and semantics; BM < 16 rows per block): no
+    tl.dot, whose 16-row minimum made 15 of 16 rows padding at batch 1 and whose operand layout costs a
+    shared-memory round trip of every dequantised weight. The weight tile [BN, GK] is loaded with K contiguous
+    (packed rows: GK / P bytes per row, each byte loaded once), dequantised once in registers per subtile of GK
+    columns, and multiplied with each of the block's BM activation rows by broadcasting; the products accumulate
+    elementwise in a [BM, BN, GK / P] float32 tile that is summed over K once, after the loop (no reductions in
+    the loop). A loop iteration covers UNROLL subtiles (loads of all of them in flight at once).
+
+    Packed widths: code i of byte j is column j*P + i, so the activations [BM, GK] are loaded contiguously and
+    split in registers into P column planes (plane i = columns j*P + i) that pair with code i of every byte.
+    GROUP_CONST: every subtile lies inside one scale group (GK divides GROUP, or GROUP >= K), so the scale and zero
+    are one value per row and subtile; otherwise they are gathered per column. EVEN_K: K is a multiple of
+    GK * UNROLL (no column masks). Rows past N and padding rows read valid rows (N - 1, activations row 0) instead
+    of masking the loads; their results are never stored."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:  # past the last block, or the sentinel of dropped assignments
+        return
+    slot = tl.load(slot_ptr + expert)
+    if slot < 0:  # this expert is served by another tier's launch
+        return
+    P: tl.constexpr = 8 // BITS if BITS < 16 else 1
+    PB: tl.constexpr = GK // P  # bytes (16 bit: columns) of a weight row in one subtile
+    TOP: tl.constexpr = 23 - BITS if BITS < 16 else 0  # a code's place in a float32 mantissa
+    CODE: tl.constexpr = ((1 << BITS) - 1) << TOP if BITS < 16 else 0
+    assign = tl.load(assign_ptr + pid_m * BM + tl.arange(0, BM))
+    m_mask = assign < num_assign
+    x_base = x_ptr + tl.where(m_mask, assign // x_row_div, 0)[:, None].to(tl.int64) * sx  # [BM, 1]
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)[None, :, None]  # [1, BN, 1]
+    w_base = w_ptr + slot.to(tl.int64) * sw0 + rows * sw1
+    up_base = w_base + N * sw1  # gate_up_proj stacks the gate rows [0, N) over the up rows [N, 2N)
+    s_base = slot * ss0 + rows * ss1
+    jb = tl.arange(0, PB)[None, None, :]
+    kx = tl.arange(0, GK)[None, :]
+    acc = tl.zeros((BM, BN, PB), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN, PB), dtype=tl.float32)
+    for k0 in range(0, K, GK * UNROLL):
+        for u in tl.static_range(UNROLL):
+            kt = k0 + u * GK
+            if EVEN_K:
+                a = tl.load(x_base + kt + kx).to(tl.float32)  # [BM, GK]
+            else:
+                a = tl.load(x_base + kt + kx, mask=kt + kx < K, other=0.0).to(tl.float32)
+            if BITS == 16:
+                if EVEN_K:
+                    w = tl.load(w_base + kt + jb)
+                    if GATE_UP:
+                        w_up = tl.load(up_base + kt + jb)
+                else:
+                    w = tl.load(w_base + kt + jb, mask=kt + jb < K, other=0.0)
+                    if GATE_UP:
+                        w_up = tl.load(up_base + kt + jb, mask=kt + jb < K, other=0.0)
+                acc += w.to(tl.float32) * a[:, None, :]
+                if GATE_UP:
+                    acc_up += w_up.to(tl.float32) * a[:, None, :]
+            else:
+                byte = kt // P + jb
+                if EVEN_K:
+                    wb = tl.load(w_base + byte).to(tl.int32)
+                    if GATE_UP:
+                        wb_up = tl.load(up_base + byte).to(tl.int32)
+                else:
+                    wb = tl.load(w_base + byte, mask=byte * P < K, other=0).to(tl.int32)
+                    if GATE_UP:
+                        wb_up = tl.load(up_base + byte, mask=byte * P < K, other=0).to(tl.int32)
+                if GROUP_CONST:
+                    if EVEN_K:
+                        group = s_base + kt // GROUP  # [1, BN, 1]
+                    else:  # the last iteration may hold subtiles past K (their activations are 0)
+                        group = s_base + tl.minimum(kt, K - 1) // GROUP
+                if P == 1:
+                    a0 = a
+                elif P == 2:
+                    a0, a1 = tl.split(tl.reshape(a, (BM, PB, 2)))
+                else:  # [m, j, h, l] = column j*4 + 2h + l
+                    a02, a13 = tl.split(tl.reshape(a, (BM, PB, 2, 2)))
+                    a0, a2 = tl.split(a02)
+                    a1, a3 = tl.split(a13)
+                for sub in tl.static_range(P):
+                    if sub == 0:
+                        plane = a0[:, None, :]
+                    elif sub == 1:
+                        plane = a1[:, None, :]
+                    elif sub == 2:
+                        plane = a2[:, None, :]
+                    else:
+                        plane = a3[:, None, :]
+                    if not GROUP_CONST:
+                        group = s_base + tl.minimum(kt + jb * P + sub, K - 1) // GROUP  # [1, BN, PB]
+                    if sub == 0 or not GROUP_CONST:
+                        # w = fma(1 + u * 2**-BITS, s * 2**BITS, -(2**BITS + z) * s) = (u - z) * s (quant/core.py)
+                        scale = tl.load(s_ptr + group).to(tl.float32)
+                        if ASYM:  # uint8 zero codes (GPTQ/RTN) or float zeros (HQQ) alike
+                            zero = tl.load(z_ptr + group).to(tl.float32)
+                        else:
+                            zero = (1 << (BITS - 1)) * 1.0
+                        s2, c = scale * (1 << BITS), -((1 << BITS) + zero) * scale
+                        if GATE_UP:
+                            scale = tl.load(s_ptr + group + N * ss1).to(tl.float32)
+                            if ASYM:
+                                zero = tl.load(z_ptr + group + N * ss1).to(tl.float32)
+                            s2_up, c_up = scale * (1 << BITS), -((1 << BITS) + zero) * scale
+                    # code `sub` of every byte as the float 1 + u * 2**-BITS, exactly: shifted to the top of the
+                    # mantissa and or-ed with the exponent of 1.0 (two integer ops; int->float is quarter rate)
+                    f = (((wb << (TOP - sub * BITS)) & CODE) | 0x3F800000).to(tl.float32, bitcast=True)
+                    acc += tl.fma(f, s2, c) * plane
+                    if GATE_UP:
+                        f = (((wb_up << (TOP - sub * BITS)) & CODE) | 0x3F800000).to(tl.float32, bitcast=True)
+                        acc_up += tl.fma(f, s2_up, c_up) * plane
+    acc = tl.sum(acc, axis=2)
+    assign = tl.load(assign_ptr + pid_m * BM + tl.arange(0, BM))  # 2-D from here: [BM, BN]
+    m_mask = assign < num_assign
+    cols = pid_n * BN + tl.arange(0, BN)
+    if GATE_UP:
+        acc_up = tl.sum(acc_up, axis=2)
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
+    if ROUTED_WEIGHT:
+        acc = acc * tl.load(routed_weight_ptr + assign, mask=m_mask, other=0.0)[:, None]
+    tl.store(out_ptr + assign[:, None] * so + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capacity, max_blocks,
+                  BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """align_assignments for decode-sized calls in one program (the torch version is ~10 launches, which at a few
+    µs each cost more than the whole layer's expert weights take to read). Every assignment's rank within its
+    expert comes from a cumulative sum over a one-hot [assignments, experts] tile held in registers."""
+    i = tl.arange(0, N_P2)
+    e = tl.arange(0, E_P2)
+    expert = tl.load(index_ptr + i, mask=i < n, other=num_experts).to(tl.int32)
+    onehot = ((expert[:, None] == e[None, :]) & (e[None, :] < num_experts)).to(tl.int32)  # sentinel: no column
+    counts = tl.sum(onehot, 0)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier assignments of the same expert (stable order)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    dest = tl.sum(onehot * (end - padded)[None, :], 1) + rank
+    for c0 in range(0, capacity, CHUNK):  # padding rows point past the assignments
+        c = c0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + c, tl.zeros((CHUNK,), dtype=tl.int32) + n, mask=c < capacity)
+    tl.debug_barrier()  # the fill above must land before the scatter below (same addresses, other threads)
+    tl.store(sorted_ptr + dest, i, mask=(expert < num_experts) & (i < n))
+    for b0 in range(0, max_blocks, CHUNK):  # a block's expert: how many experts' runs end at or before its start
+        b = b0 + tl.arange(0, CHUNK)
+        ended = (end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
+        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < max_blocks)
+
+
+# one program holds a [assignments, experts] one-hot tile: up to this many elements (decode: 256 x 128)
+_ALIGN_TILE_LIMIT = 64 * 1024
+
+
 def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the [T, k] assignments by expert into BLOCK_M-aligned runs (device ops, shapes fixed by T and k).
 
     Returns (sorted_assign int32 [max_blocks * block_m]: flat assignment index t*k + j, or T*k for padding;
     block_expert int32 [max_blocks]: the expert of each block, num_experts past the end). Dropped assignments
-    (index == num_experts) get no block, so no program reads weights for them.
+    (index == num_experts) get no block, so no program reads weights for them. Within an expert, assignments
+    keep their flat order. Decode-sized calls take one Triton launch, prompts the torch ops below.
     """
     flat = index.reshape(-1)
     n = flat.shape[0]
     device = flat.device
+    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
+    capacity = max_blocks * block_m
+    n_p2, e_p2 = triton.next_power_of_2(n), triton.next_power_of_2(num_experts)
+    if n_p2 * e_p2 <= _ALIGN_TILE_LIMIT:
+        sorted_assign = torch.empty(capacity, dtype=torch.int32, device=device)
+        block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+        _align_kernel[(1,)](flat, sorted_assign, block_expert, n, num_experts, capacity, max_blocks, BLOCK_M=block_m,
+                            N_P2=n_p2, E_P2=e_p2, CHUNK=256, num_warps=8 if n_p2 * e_p2 > 8192 else 4)
+        return sorted_assign, block_expert
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     counts[num_experts:].zero_()  # the sentinel expert owns no blocks (fill_, not a host scalar copy: graph-safe)
@@ -168,8 +344,6 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     order = torch.sort(flat, stable=True).indices
     sorted_expert = flat[order]
     rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[sorted_expert]
-    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
-    capacity = max_blocks * block_m
     dest = torch.where(sorted_expert < num_experts, (padded_end - padded)[sorted_expert] + rank, capacity)
     sorted_assign = torch.full((capacity + 1,), n, dtype=torch.int32, device=device)
     sorted_assign.scatter_(0, dest, order.to(torch.int32))  # dropped ones all land in the spare last slot
@@ -178,13 +352,81 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     return sorted_assign[:capacity], block_expert
 
 
+# Tiles of the decode (GEMV) path, blocks of BM < 16 rows (tile_sizes): BN output rows per program, BK bytes of every
+# weight row per loop iteration (16 bit: 2 bytes a column, int4: half a byte), num_warps. Memory-bound decode on an
+# H200: BN 32 gives gate_up at batch 1 (8 experts x 768 / 32 = 192 programs) more programs than SMs; 256 bytes per row
+# and iteration keep 2 x 32 x 256 = 16 KB of gate_up weights in flight per program. benchmarks/expert_kernels.py
+# sweeps them; tests shrink them.
+GEMV_TILES = {"BN": 32, "BK": 256, "num_warps": 4}
+# Rows per aligned block for every launch, instead of tile_sizes' rule (None). Benchmarks set 16 for the tl.dot
+# decode path that the GEMV path replaced; tests use it to give experts several blocks.
+FORCE_BLOCK_M: int | None = None
+DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV kernel
+
+
+def decode_block_m(num_assign: int, num_experts: int) -> int:
+    """Rows per aligned block (one value for all tiers of a layer) from the mean number of rows per expert,
+    lam = num_assign / num_experts (routing is near uniform; a hit expert's rows are about Poisson(lam)).
+
+    A block reads its expert's weight tile once for all its rows, and the GEMV path spends BM multiply-adds per
+    weight on padding rows as on real ones, so BM is the smallest that holds most hit experts' rows in one block;
+    an expert with more rows gets several adjacent blocks, whose repeated weight reads mostly come from L2.
+    lam <= 1/4 (Qwen3-30B-A3B, E 128, top-8: T <= 4; batch 1 has exactly one row per hit expert): BM 1, P(rows >= 2 |
+    hit) <= 12%. lam <= 1 (T <= 16): BM 2, P(rows >= 3 | hit) <= 13%. lam <= 2 (T <= 32): BM 4, P(rows >= 5 | hit)
+    <= 6%. Beyond, the tl.dot kernel: BM 16 while lam <= 4 (its decode setting before the GEMV path), 64 for
+    prefill."""
+    if FORCE_BLOCK_M is not None:
+        return FORCE_BLOCK_M
+    if 4 * num_assign <= num_experts:
+        return 1
+    if num_assign <= num_experts:
+        return 2
+    if num_assign <= 2 * num_experts:
+        return 4
+    return 16 if num_assign <= 4 * num_experts else 64
+
+
 def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, int]:
-    """(BM, BN, BK). BM 16 (tl.dot's minimum) while experts see few rows each (decode), 64 for prefill.
-    BK: at most 128 input columns so a tile lies inside one scale group of the usual sizes (128, 64 for 8 bit),
-    and the scale and zero are loaded once per row and tile; at least 16 codes per byte position (tl.dot's K)."""
-    bm = 16 if num_assign <= 4 * num_experts else 64
-    bk = {16: 64, 8: 64, 4: 128, 2: 128}[bits]
-    return bm, 32, bk
+    """(BM, BN, BK); BM from decode_block_m, so it never depends on `bits`.
+    BM >= 16 (tl.dot kernel): BK at most 128 input columns so a tile lies inside one scale group of the usual sizes
+    (128, 64 for 8 bit), and the scale and zero are loaded once per row and tile; at least 16 codes per byte
+    position (tl.dot's K). BM < 16 (GEMV kernel): GEMV_TILES, BK in input columns per loop iteration."""
+    bm = decode_block_m(num_assign, num_experts)
+    if bm >= DOT_MIN_BLOCK_M:
+        return bm, 32, {16: 64, 8: 64, 4: 128, 2: 128}[bits]
+    return bm, GEMV_TILES["BN"], GEMV_TILES["BK"] * 8 // bits
+
+
+def _gemv_tiling(tier: ExpertTier, bm: int, bn: int, bk: int, num_warps: int,
+                 gate_up: bool) -> tuple[int, int, bool, bool]:
+    """(GK, UNROLL, GROUP_CONST, EVEN_K) of the GEMV kernel: subtiles of GK columns (a power of two), UNROLL of
+    them per loop iteration, at most bk columns in all."""
+    K = tier.in_features
+    p = 8 // tier.bits if tier.bits < 16 else 1
+    # registers: a thread holds the activations of its columns for every row of the block, BM * BN * GK / threads
+    # floats (one weight row a thread), at most 64, and the [BM, BN, GK / P] accumulators (two for gate_up), at most
+    # 32 each
+    budget = 32 * num_warps * min(64, 32 * p) // (bm * bn)
+    gk = max(p, _pow2_floor(min(bk, budget)))
+    gk = min(gk, triton.next_power_of_2(K))
+    group_const = True
+    if tier.bits < 16 and tier.group_size < K:
+        low = tier.group_size & -tier.group_size  # the largest power of two that divides the group size
+        if low >= p:
+            gk = min(gk, low)  # then every subtile lies inside one group (ragged last group too)
+        else:
+            group_const = False  # scale and zero gathered per column
+    steps = triton.cdiv(K, gk)
+    # weight bytes a thread has in flight per iteration (both halves of gate_up) at most 128, 32 registers
+    row_bytes = bn * (gk // p) * (2 if tier.bits == 16 else 1) * (2 if gate_up else 1)
+    unroll = max(1, min(bk // gk, steps, 128 * 32 * num_warps // row_bytes))
+    if K % gk == 0:  # as many subtiles as fit, dividing K: no column masks
+        unroll = max(d for d in range(1, unroll + 1) if steps % d == 0)
+    return gk, unroll, group_const, K % (gk * unroll) == 0
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
 
 
 def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: torch.Tensor, block_expert: torch.Tensor,
@@ -195,6 +437,7 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     gate_up=True: W is gate_up_proj [2N, K] and out[a] = silu(gate) * up ([N] columns).
     routed_weight [A] (float32): multiplies each assignment's row (the down projection).
     slot_of_expert int32 [E]: the expert's slot in `tier`, -1 when another tier serves it.
+    Blocks of BM < 16 rows (decode) take the GEMV kernel, others the tl.dot one.
     """
     n_out = tier.out_features // 2 if gate_up else tier.out_features
     bm, bn, bk = tile_sizes(tier.bits, out.shape[0], slot_of_expert.shape[0])
@@ -204,6 +447,17 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     scales = tier.scales if tier.scales is not None else w
     zeros = tier.zeros if tier.zeros is not None else w
     grid = (block_expert.shape[0], triton.cdiv(n_out, bn))
+    if bm < DOT_MIN_BLOCK_M:
+        num_warps = GEMV_TILES["num_warps"]
+        gk, unroll, group_const, even_k = _gemv_tiling(tier, bm, bn, bk, num_warps, gate_up)
+        _grouped_expert_gemv_kernel[grid](
+            x, out, sorted_assign, block_expert, slot_of_expert, routed_weight if routed_weight is not None else x,
+            w, scales, zeros, out.shape[0], x_row_div, n_out, tier.in_features, slot_of_expert.shape[0],
+            x.stride(0), out.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1),
+            BITS=tier.bits, ASYM=tier.zeros is not None, GROUP=tier.group_size if tier.bits != 16 else 0,
+            GROUP_CONST=group_const, GATE_UP=gate_up, ROUTED_WEIGHT=routed_weight is not None, BM=bm, BN=bn,
+            GK=gk, UNROLL=unroll, EVEN_K=even_k, num_warps=num_warps)
+        return
     _grouped_expert_kernel[grid](
         x, out, sorted_assign, block_expert, slot_of_expert, routed_weight if routed_weight is not None else x,
         w, scales, zeros, out.shape[0], x_row_div, n_out, tier.in_features, tier.group_size,

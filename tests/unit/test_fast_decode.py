@@ -1,0 +1,70 @@
+"""The fast engine's decode step (fused q/k/v, norm+rotary+cache kernel, decode attention, one-launch alignment,
+decode expert kernels) on the CPU: Triton's interpreter, float32, eager (no graph). There it must decode exactly
+what the reference engine decodes, token for token and counter for counter. On CUDA test_fast_engine.py checks it
+in bf16 against transformers."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check in float32; CUDA: test_fast_engine.py")
+
+from moesweep.engine import generate_greedy  # noqa: E402
+from moesweep.grid import Routing  # noqa: E402
+from moesweep.model import install_policy, load_model  # noqa: E402
+from moesweep.routing import RoutingContext  # noqa: E402
+
+PROMPTS = ["Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:", "Question: 7 + 5?\nAnswer:",
+           "Question: A farmer has 12 cows and sells 5. How many are left?\nAnswer:"]
+NEW_TOKENS = 24
+
+
+@pytest.mark.parametrize("routing", [{}, {"policy": "topk", "top_k": 1, "capacity_factor": 1.0}],
+                         ids=["native", "top1-cf1"])
+def test_decode_equals_reference_engine_tokens_and_accounting(embedded_model, routing):
+    from moesweep.fast.engine import FastQwen3MoeEngine
+
+    policy = Routing(**routing)
+    model, tokenizer, adapter = load_model(str(embedded_model), "float32", "cpu")
+    context = RoutingContext()
+    install_policy(adapter, policy, context)
+    want, want_timing = generate_greedy(model, tokenizer, PROMPTS, NEW_TOKENS, batch_size=3, context=context,
+                                        stop=())
+
+    model, tokenizer, adapter = load_model(str(embedded_model), "float32", "cpu")
+    widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
+    fast = FastQwen3MoeEngine(model, adapter, policy, widths, {}, compile=False)
+    fast_context = RoutingContext()
+    got, got_timing = fast.generate(tokenizer, PROMPTS, NEW_TOKENS, batch_size=3, context=fast_context)
+
+    assert [c.text for c in got] == [c.text for c in want]
+    assert got_timing.decode_steps == want_timing.decode_steps
+    got_stats = fast.routing_stats()
+    for layer, s in context.stats.items():
+        g = got_stats[layer]
+        for name in s.COUNTERS:
+            assert getattr(g, name) == getattr(s, name), (layer, name)
+        assert torch.equal(g.load, s.load)
+
+
+@torch.inference_mode()
+def _transformers_greedy_ids(model, tokenizer, prompt, steps):
+    from transformers import DynamicCache
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    cache, out = DynamicCache(), []
+    for _ in range(steps):
+        ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(ids))
+    return out
+
+
+def test_forced_decode_predicts_the_reference_continuation(embedded_model):
+    """Teacher forcing with transformers' own greedy tokens gives back those tokens (float32: no near-ties)."""
+    from moesweep.fast.engine import FastQwen3MoeEngine
+
+    model, tokenizer, adapter = load_model(str(embedded_model), "float32", "cpu")
+    ref = torch.tensor([_transformers_greedy_ids(model, tokenizer, p, 12) for p in PROMPTS[:2]])
+    widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
+    fast = FastQwen3MoeEngine(model, adapter, Routing(), widths, {}, compile=False)
+    enc = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert torch.equal(fast.forced_decode(enc.input_ids, enc.attention_mask, ref[:, :-1]), ref)
