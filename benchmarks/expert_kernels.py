@@ -136,8 +136,9 @@ def set_path(path):
     """path: "dot" or (BN, BK, num_warps) of the GEMV path."""
     if path == "dot":
         kernels.FORCE_BLOCK_M = DOT_BLOCK_M
-    else:
+    else:  # every width through the GEMV kernel (the engine keeps 16/8-bit tiers on tl.dot: kernels.GEMV_BITS)
         kernels.FORCE_BLOCK_M = None
+        kernels.GEMV_BITS = (16, 8, 4, 2)
         kernels.GEMV_TILES.update(BN=path[0], BK=path[1], num_warps=path[2])
 
 
@@ -176,7 +177,7 @@ def main(argv=None):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
     gate_up, down, packed = build_weights(args.seed)
-    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES))
+    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES), kernels.GEMV_BITS)
     rows = []  # dicts, one per (T, path, config, width)
     try:
         for T in args.tokens:
@@ -204,7 +205,7 @@ def main(argv=None):
                 del experts
                 torch.cuda.empty_cache()
     finally:
-        kernels.FORCE_BLOCK_M = saved[0]
+        kernels.FORCE_BLOCK_M, kernels.GEMV_BITS = saved[0], saved[2]
         kernels.GEMV_TILES.clear()
         kernels.GEMV_TILES.update(saved[1])
     write_table(args, bandwidth, l2, rows, final=True)

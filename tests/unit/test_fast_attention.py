@@ -96,9 +96,11 @@ def _relative(got, want):
 
 
 def test_num_splits_depends_on_the_cache_length_only():
-    assert num_splits(40) == (1, 64, 64)
+    assert num_splits(40) == (2, 32, 32)
+    assert num_splits(40, 128) == (1, 64, 64)
     assert num_splits(300, 64) == (5, 64, 64)
-    assert num_splits(4096) == (32, 128, 64)
+    assert num_splits(4096) == (64, 64, 32)
+    assert num_splits(4096, 128) == (32, 128, 64)
     assert num_splits(4096, 256) == (16, 256, 64)
     splits, chunk, block_n = num_splits(100_000)
     assert splits <= 64 and splits * chunk >= 100_000 and chunk % block_n == 0 and (splits - 1) * chunk < 100_000

@@ -77,11 +77,14 @@ def _quantized(bits, group_size, zeros, seed=0, **dims):
     return gate_up, down, tuple(q)
 
 
-# Which expert kernel a call takes follows from the rows per expert (kernels.decode_block_m; E = 8 here):
-# name -> (T, k, forced block_m or None, the block_m the call must use)
+# Which expert kernel a call takes follows from the rows per expert (kernels.decode_block_m; E = 8 here) and the
+# width (kernels.GEMV_BITS: small blocks of 16/8-bit tiers take tl.dot over a padded tile, unless "-all" sends every
+# width through the GEMV kernel): name -> (T, k, forced block_m or None, the block_m the call must use)
 PATHS = {
     "gemv-bm1": (1, 2, None, 1),  # 2 assignments: one row per block, as at batch 1
+    "gemv-bm1-all": (1, 2, None, 1),
     "gemv-bm4": (4, 4, None, 4),
+    "gemv-bm4-all": (4, 4, None, 4),
     "gemv-bm2-multiblock": (6, 3, 2, 2),  # experts with several blocks, padding rows
     "dot-bm16": (6, 3, None, 16),  # 18 assignments: the tl.dot kernel
     "dot-bm64": (12, 3, None, 64),
@@ -93,6 +96,8 @@ def path(request, monkeypatch):
     """(T, k) of a routing that takes the kernel path request.param (indirect parametrisation)."""
     T, k, forced, block_m = PATHS[request.param]
     monkeypatch.setattr(kernels, "FORCE_BLOCK_M", forced)
+    if request.param.endswith("-all"):
+        monkeypatch.setattr(kernels, "GEMV_BITS", (16, 8, 4, 2))
     assert kernels.decode_block_m(T * k, E) == block_m
     if "multiblock" in request.param:  # _run's routing gives some expert more rows than a block holds
         index, _ = _routing(T, k, seed=1)

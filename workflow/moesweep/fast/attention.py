@@ -156,12 +156,13 @@ def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, Hq, S, so0, so1, so2,
     tl.store(out_ptr + b * so0 + h * so1 + d * so2, o.to(out_ptr.dtype.element_ty))
 
 
-def num_splits(L: int, split_keys: int = 128, max_splits: int = 64) -> tuple[int, int, int]:
+def num_splits(L: int, split_keys: int = 32, max_splits: int = 64) -> tuple[int, int, int]:
     """(splits, keys per split, BLOCK_N) for a cache of L slots. From the cache length only, never from how many
     keys are valid, so the grid is fixed and the graph replays. Chunks of `split_keys` (a multiple of BLOCK_N),
-    at most `max_splits` of them (longer caches get longer chunks), no empty trailing split. 128 keys: at batch 1
-    Qwen3-30B's 4 KV heads over a 2048-slot cache make 64 programs of 64 KB of K/V each (a guess, to be tuned on
-    the H200; more splits cost more float32 partials)."""
+    at most `max_splits` of them (longer caches get longer chunks), no empty trailing split. 32 keys: a program is
+    one block, a chain of dependent loads and two small dots, which is what a decode attention's latency is made of
+    (H200, Qwen3-30B shapes, batch 1, 181-slot cache: chunks of 128 took 7.2 µs per layer, as 2 splits x 4 KV
+    heads); at 64 splits, longer caches get longer chunks."""
     block_n = min(64, max(16, triton.next_power_of_2(split_keys)))  # >= 16: tl.dot's minimum
     splits = min(triton.cdiv(L, split_keys), max_splits)
     chunk = triton.cdiv(triton.cdiv(L, splits), block_n) * block_n
@@ -169,7 +170,7 @@ def num_splits(L: int, split_keys: int = 128, max_splits: int = 64) -> tuple[int
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                     scale: float, out: torch.Tensor, split_keys: int = 128, max_splits: int = 64) -> None:
+                     scale: float, out: torch.Tensor, split_keys: int = 32, max_splits: int = 64) -> None:
     """out = softmax(scale * q k^T over the allowed keys) v, grouped-query (head h reads KV head h // (Hq/KVH)).
 
     q [B, Hq, D]; k_cache, v_cache [B, KVH, L, D] (any strides); key_mask [B, L] bool, True = may be attended

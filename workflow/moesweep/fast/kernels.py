@@ -100,7 +100,10 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
                            w_ptr, s_ptr, z_ptr, num_assign, x_row_div, N, K, group_size, num_experts,
                            sx, so, sw0, sw1, ss0, ss1,
                            BITS: tl.constexpr, ASYM: tl.constexpr, GROUP_CONST: tl.constexpr, GATE_UP: tl.constexpr,
-                           ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                           ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           ROWS: tl.constexpr):
+    # ROWS <= BM: the rows of an aligned block; fewer than BM (tl.dot's 16-row minimum) when decode aligned the
+    # assignments to small blocks for the GEMV kernel of another tier (the rest of the tile is padding)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -109,7 +112,8 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
     slot = tl.load(slot_ptr + expert)
     if slot < 0:  # this expert is served by another tier's launch
         return
-    assign = tl.load(assign_ptr + pid_m * BM + tl.arange(0, BM))
+    r = tl.arange(0, BM)
+    assign = tl.load(assign_ptr + pid_m * ROWS + r, mask=r < ROWS, other=num_assign)
     m_mask = assign < num_assign
     x_row = tl.where(m_mask, assign // x_row_div, 0)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -288,10 +292,15 @@ def _grouped_expert_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, sl
 
 @triton.jit
 def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capacity, max_blocks,
-                  BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+                  valid_ptr, keep_policy_ptr, hot_ptr, hits_ptr, counts_acc_ptr, load_acc_ptr, T,
+                  BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, T_P2: tl.constexpr,
+                  FILL: tl.constexpr, BLOCKS: tl.constexpr, ACCOUNT: tl.constexpr, HOT: tl.constexpr,
+                  DECODE: tl.constexpr):
     """align_assignments for decode-sized calls in one program (the torch version is ~10 launches, which at a few
     µs each cost more than the whole layer's expert weights take to read). Every assignment's rank within its
-    expert comes from a cumulative sum over a one-hot [assignments, experts] tile held in registers."""
+    expert comes from a cumulative sum over a one-hot [assignments, experts] tile held in registers.
+    ACCOUNT: also routing.routing_increments of this call (the per-expert counts are already here), added into
+    the accumulators and the per-expert hits written out, which spares the accounting its own ~10 launches."""
     i = tl.arange(0, N_P2)
     e = tl.arange(0, E_P2)
     expert = tl.load(index_ptr + i, mask=i < n, other=num_experts).to(tl.int32)
@@ -301,19 +310,81 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     dest = tl.sum(onehot * (end - padded)[None, :], 1) + rank
-    for c0 in range(0, capacity, CHUNK):  # padding rows point past the assignments
-        c = c0 + tl.arange(0, CHUNK)
-        tl.store(sorted_ptr + c, tl.zeros((CHUNK,), dtype=tl.int32) + n, mask=c < capacity)
+    for c0 in range(0, capacity, FILL):  # padding rows point past the assignments
+        c = c0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + c, tl.zeros((FILL,), dtype=tl.int32) + n, mask=c < capacity)
     tl.debug_barrier()  # the fill above must land before the scatter below (same addresses, other threads)
     tl.store(sorted_ptr + dest, i, mask=(expert < num_experts) & (i < n))
-    for b0 in range(0, max_blocks, CHUNK):  # a block's expert: how many experts' runs end at or before its start
-        b = b0 + tl.arange(0, CHUNK)
+    for b0 in range(0, max_blocks, BLOCKS):  # a block's expert: how many experts' runs end at or before its start
+        b = b0 + tl.arange(0, BLOCKS)
         ended = (end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
         tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < max_blocks)
+    if ACCOUNT:  # routing_increments, in LayerRoutingStats.COUNTERS order
+        t = tl.arange(0, T_P2)
+        tokens = tl.sum(tl.load(valid_ptr + t, mask=t < T, other=0).to(tl.int32), 0)
+        routed = tl.sum(tl.load(keep_policy_ptr + i, mask=i < n, other=0).to(tl.int32), 0)
+        kept = tl.sum(counts, 0)
+        if HOT:
+            hot = tl.load(hot_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
+        else:
+            hot = tl.zeros((E_P2,), dtype=tl.int32)
+        hit = (counts > 0).to(tl.int32)
+        c = tl.arange(0, 16)
+        values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
+            tl.where(c == 3, tl.sum(counts * hot, 0), 0)
+        if DECODE:
+            values += tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + tl.where(c == 6, kept, 0) + \
+                tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
+        acc = tl.load(counts_acc_ptr + c, mask=c < 9, other=0)
+        tl.store(counts_acc_ptr + c, acc + values.to(tl.int64), mask=c < 9)
+        live = e < num_experts
+        tl.store(hits_ptr + e, counts.to(tl.int64), mask=live)
+        tl.store(load_acc_ptr + e, tl.load(load_acc_ptr + e, mask=live, other=0) + counts.to(tl.int64), mask=live)
 
 
 # one program holds a [assignments, experts] one-hot tile: up to this many elements (decode: 256 x 128)
 _ALIGN_TILE_LIMIT = 64 * 1024
+
+
+def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy, hot, counts_acc, load_acc,
+                      decode: bool):
+    """align_assignments, plus routing.routing_increments of the call added into counts_acc [len(COUNTERS)] and
+    load_acc [E] (int64, in place); returns (sorted_assign, block_expert, hits [E]). One launch for decode-sized
+    calls; otherwise the torch ops."""
+    from ..routing import routing_increments
+
+    n, T = index.numel(), valid.shape[0]
+    if triton.next_power_of_2(n) * triton.next_power_of_2(num_experts) > _ALIGN_TILE_LIMIT:
+        sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
+        counts, hits = routing_increments(valid, keep_policy, index < num_experts, index, hot, num_experts, decode)
+        counts_acc += counts
+        load_acc += hits
+        return sorted_assign, block_expert, hits
+    hits = torch.empty(num_experts, dtype=torch.int64, device=index.device)
+    sorted_assign, block_expert = _align_launch(index, num_experts, block_m, account=(
+        valid.view(torch.uint8), keep_policy.reshape(-1).view(torch.uint8),
+        None if hot is None else hot.view(torch.uint8), hits, counts_acc, load_acc, T, decode))
+    return sorted_assign, block_expert, hits
+
+
+def _align_launch(index, num_experts: int, block_m: int, account=None):
+    flat = index.reshape(-1)
+    n = flat.shape[0]
+    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
+    capacity = max_blocks * block_m
+    sorted_assign = torch.empty(capacity, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
+    valid, keep_policy, hot, hits, counts_acc, load_acc, T, decode = account or (flat, flat, None, flat, flat, flat,
+                                                                                 1, False)
+    n_p2, e_p2 = triton.next_power_of_2(n), triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](flat, sorted_assign, block_expert, n, num_experts, capacity, max_blocks,
+                        valid, keep_policy, hot if hot is not None else flat, hits, counts_acc, load_acc, T,
+                        BLOCK_M=block_m, N_P2=n_p2, E_P2=e_p2, T_P2=triton.next_power_of_2(T),
+                        FILL=min(1024, triton.next_power_of_2(capacity)),
+                        BLOCKS=max(1, min(8192 // e_p2, triton.next_power_of_2(max_blocks))),
+                        ACCOUNT=account is not None, HOT=hot is not None, DECODE=decode,
+                        num_warps=8 if n_p2 * e_p2 > 8192 else 4)
+    return sorted_assign, block_expert
 
 
 def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,13 +400,8 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     device = flat.device
     max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
     capacity = max_blocks * block_m
-    n_p2, e_p2 = triton.next_power_of_2(n), triton.next_power_of_2(num_experts)
-    if n_p2 * e_p2 <= _ALIGN_TILE_LIMIT:
-        sorted_assign = torch.empty(capacity, dtype=torch.int32, device=device)
-        block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-        _align_kernel[(1,)](flat, sorted_assign, block_expert, n, num_experts, capacity, max_blocks, BLOCK_M=block_m,
-                            N_P2=n_p2, E_P2=e_p2, CHUNK=256, num_warps=8 if n_p2 * e_p2 > 8192 else 4)
-        return sorted_assign, block_expert
+    if triton.next_power_of_2(n) * triton.next_power_of_2(num_experts) <= _ALIGN_TILE_LIMIT:
+        return _align_launch(index, num_experts, block_m)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     counts[num_experts:].zero_()  # the sentinel expert owns no blocks (fill_, not a host scalar copy: graph-safe)
@@ -361,7 +427,11 @@ GEMV_TILES = {"BN": 32, "BK": 256, "num_warps": 4}
 # Rows per aligned block for every launch, instead of tile_sizes' rule (None). Benchmarks set 16 for the tl.dot
 # decode path that the GEMV path replaced; tests use it to give experts several blocks.
 FORCE_BLOCK_M: int | None = None
-DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV kernel
+DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV kernel (widths in GEMV_BITS)
+# Widths whose small blocks take the GEMV kernel. 16- and 8-bit tiers stay on tl.dot (a 16-row tile over a block of
+# fewer rows): on the H200 it was faster for them at decode (bf16 33.7 vs 40.2 µs, int8 35.7 vs 45.5 µs per layer at
+# batch 1; benchmarks/results/expert_kernels_h200.md), while int4/int2 dequantise 2x / 1.4x faster without it.
+GEMV_BITS = (4, 2)
 
 
 def decode_block_m(num_assign: int, num_experts: int) -> int:
@@ -392,7 +462,7 @@ def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, 
     (128, 64 for 8 bit), and the scale and zero are loaded once per row and tile; at least 16 codes per byte
     position (tl.dot's K). BM < 16 (GEMV kernel): GEMV_TILES, BK in input columns per loop iteration."""
     bm = decode_block_m(num_assign, num_experts)
-    if bm >= DOT_MIN_BLOCK_M:
+    if bm >= DOT_MIN_BLOCK_M or bits not in GEMV_BITS:
         return bm, 32, {16: 64, 8: 64, 4: 128, 2: 128}[bits]
     return bm, GEMV_TILES["BN"], GEMV_TILES["BK"] * 8 // bits
 
@@ -437,7 +507,7 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     gate_up=True: W is gate_up_proj [2N, K] and out[a] = silu(gate) * up ([N] columns).
     routed_weight [A] (float32): multiplies each assignment's row (the down projection).
     slot_of_expert int32 [E]: the expert's slot in `tier`, -1 when another tier serves it.
-    Blocks of BM < 16 rows (decode) take the GEMV kernel, others the tl.dot one.
+    Blocks of BM < 16 rows (decode) take the GEMV kernel for widths in GEMV_BITS, all others the tl.dot one.
     """
     n_out = tier.out_features // 2 if gate_up else tier.out_features
     bm, bn, bk = tile_sizes(tier.bits, out.shape[0], slot_of_expert.shape[0])
@@ -447,7 +517,7 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     scales = tier.scales if tier.scales is not None else w
     zeros = tier.zeros if tier.zeros is not None else w
     grid = (block_expert.shape[0], triton.cdiv(n_out, bn))
-    if bm < DOT_MIN_BLOCK_M:
+    if bm < DOT_MIN_BLOCK_M and tier.bits in GEMV_BITS:
         num_warps = GEMV_TILES["num_warps"]
         gk, unroll, group_const, even_k = _gemv_tiling(tier, bm, bn, bk, num_warps, gate_up)
         _grouped_expert_gemv_kernel[grid](
@@ -464,4 +534,4 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
         slot_of_expert.shape[0], x.stride(0), out.stride(0), w.stride(0), w.stride(1), scales.stride(0),
         scales.stride(1), BITS=tier.bits, ASYM=tier.zeros is not None, GATE_UP=gate_up,
         GROUP_CONST=tier.bits != 16 and tier.group_size % bk == 0,
-        ROUTED_WEIGHT=routed_weight is not None, BM=bm, BN=bn, BK=bk)
+        ROUTED_WEIGHT=routed_weight is not None, BM=max(bm, DOT_MIN_BLOCK_M), BN=bn, BK=bk, ROWS=bm)
