@@ -26,6 +26,7 @@ batch 1) and reads the same formats, with the same semantics.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -354,17 +355,24 @@ def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy,
     from ..routing import routing_increments
 
     n, T = index.numel(), valid.shape[0]
-    if triton.next_power_of_2(n) * triton.next_power_of_2(num_experts) > _ALIGN_TILE_LIMIT:
+    if not _one_launch(index, num_experts):
         sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
         counts, hits = routing_increments(valid, keep_policy, index < num_experts, index, hot, num_experts, decode)
         counts_acc += counts
         load_acc += hits
         return sorted_assign, block_expert, hits
     hits = torch.empty(num_experts, dtype=torch.int64, device=index.device)
+    # bool -> uint8 by conversion, not a view: inductor cannot lower a bool dtype view (it fuses the conversion)
     sorted_assign, block_expert = _align_launch(index, num_experts, block_m, account=(
-        valid.view(torch.uint8), keep_policy.reshape(-1).view(torch.uint8),
-        None if hot is None else hot.view(torch.uint8), hits, counts_acc, load_acc, T, decode))
+        valid.to(torch.uint8), keep_policy.reshape(-1).to(torch.uint8),
+        None if hot is None else hot.to(torch.uint8), hits, counts_acc, load_acc, T, decode))
     return sorted_assign, block_expert, hits
+
+
+def _one_launch(index, num_experts: int) -> bool:
+    """Whether the one-program alignment applies: a decode-sized call, on the GPU or in Triton's interpreter."""
+    on_triton = index.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_triton and triton.next_power_of_2(index.numel()) * triton.next_power_of_2(num_experts) <= _ALIGN_TILE_LIMIT
 
 
 def _align_launch(index, num_experts: int, block_m: int, account=None):
@@ -400,7 +408,7 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     device = flat.device
     max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
     capacity = max_blocks * block_m
-    if triton.next_power_of_2(n) * triton.next_power_of_2(num_experts) <= _ALIGN_TILE_LIMIT:
+    if _one_launch(index, num_experts):
         return _align_launch(index, num_experts, block_m)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
