@@ -68,10 +68,9 @@ def _qkv_decode(x, moe_out, ln, w_qkv, b_qkv, eps):
 def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
                  decode, counts_acc, load_acc, mass_acc):
     """Attention output into the residual, post-attention norm, the policy's routing, its accounting (added in
-    place into counts_acc / load_acc) and the expert-sorted assignment blocks; with mass_acc also the router
-    probability mass routed to each expert (dynamic precision's hotness input, as
-    dynamic.DynamicPrecision.observe). All on the device; nothing here reads a value back to the host, and the
-    accumulators are updated inside the compiled graph (no extra launches)."""
+    place into counts_acc / load_acc by the alignment launch) and the expert-sorted assignment blocks; with
+    mass_acc also the router probability mass routed to each expert (dynamic precision's hotness input, as
+    dynamic.DynamicPrecision.observe). All on the device; nothing here reads a value back to the host."""
     H = x.shape[-1]
     x = x + F.linear(o, wo, bo)
     h = _rms_norm(x, post_ln, eps).reshape(-1, H)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..routing import routing_increments
 from . import FAST_BITS
 
 
@@ -97,6 +98,14 @@ def _dequant(x_ptr, codes, scale, zero, s_ptr, z_ptr, slot, rows, row_mask, kk, 
 
 
 @triton.jit
+def _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts):
+    """The weight slot of block pid_m's expert in this launch's tier, or -1: the block is past the last one or
+    holds dropped assignments (sentinel expert E), or its expert is served by another tier's launch."""
+    expert = tl.load(block_expert_ptr + pid_m)
+    return tl.where(expert < num_experts, tl.load(slot_ptr + tl.minimum(expert, num_experts - 1)), -1)
+
+
+@triton.jit
 def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr,
                            w_ptr, s_ptr, z_ptr, num_assign, x_row_div, N, K, group_size, num_experts,
                            sx, so, sw0, sw1, ss0, ss1,
@@ -107,11 +116,8 @@ def _grouped_expert_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_pt
     # assignments to small blocks for the GEMV kernel of another tier (the rest of the tile is padding)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:  # past the last block, or the sentinel of dropped assignments
-        return
-    slot = tl.load(slot_ptr + expert)
-    if slot < 0:  # this expert is served by another tier's launch
+    slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
+    if slot < 0:
         return
     r = tl.arange(0, BM)
     assign = tl.load(assign_ptr + pid_m * ROWS + r, mask=r < ROWS, other=num_assign)
@@ -184,11 +190,8 @@ def _grouped_expert_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, sl
     of masking the loads; their results are never stored."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:  # past the last block, or the sentinel of dropped assignments
-        return
-    slot = tl.load(slot_ptr + expert)
-    if slot < 0:  # this expert is served by another tier's launch
+    slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
+    if slot < 0:
         return
     P: tl.constexpr = 8 // BITS if BITS < 16 else 1
     PB: tl.constexpr = GK // P  # bytes (16 bit: columns) of a weight row in one subtile
@@ -352,8 +355,6 @@ def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy,
     """align_assignments, plus routing.routing_increments of the call added into counts_acc [len(COUNTERS)] and
     load_acc [E] (int64, in place); returns (sorted_assign, block_expert, hits [E]). One launch for decode-sized
     calls; otherwise the torch ops."""
-    from ..routing import routing_increments
-
     n, T = index.numel(), valid.shape[0]
     if not _one_launch(index, num_experts):
         sorted_assign, block_expert = align_assignments(index, num_experts, block_m)
