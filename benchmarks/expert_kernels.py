@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_engine import copy_bandwidth, rtn_packed  # noqa: E402
+from fast_engine import copy_bandwidth, rtn_packed, write_report  # noqa: E402
 from moesweep.fast import kernels  # noqa: E402
 from moesweep.fast.kernels import ExpertTier, align_assignments  # noqa: E402
 from moesweep.fast.moe import FastMoeExperts  # noqa: E402
@@ -253,11 +253,7 @@ def write_table(args, bandwidth, l2, rows, final=False):
         lines.append(f"| {T} | {width_name(bits)} | {us_of[(T, bits, 'dot')]:.1f} | {r['us']:.1f} | "
                      f"{config_name(r['path'])} | {ratio(us_of[(T, bits, 'dot')], r['us'])} | "
                      f"{ratio(bf16['us'] if bf16 else None, r['us'])} |")
-    text = "\n".join(lines) + "\n"
-    if final:
-        print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, lines, echo=final)
 
 
 if __name__ == "__main__":

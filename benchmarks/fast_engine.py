@@ -234,11 +234,16 @@ def write_table(args, bandwidth, rows, final=False):
         ratio = f"{tps / hf_by_batch[batch]:.1f}" if hf_by_batch.get(batch) else ""
         lines.append(f"| {name} | {batch} | {tps:.1f} | {r['ms_step']:.3f} | {r['distinct']:.1f} | "
                      f"{r['bytes'] / 1e9:.2f} | {r['roofline_tok_s']:.0f} | {r['roofline']:.0%} | {ratio} |")
+    write_report(args.out, lines, echo=final)
+
+
+def write_report(out: Path, lines: list[str], echo: bool = True) -> None:
+    """A benchmark's Markdown table into `out` (rewritten after every row, so a run cut short leaves its rows)."""
     text = "\n".join(lines) + "\n"
-    if final:
+    if echo:
         print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fast_engine import build_model  # noqa: E402
+from fast_engine import build_model, write_report  # noqa: E402
 from moesweep.fast.engine import FastQwen3MoeEngine  # noqa: E402
 from moesweep.grid import Routing  # noqa: E402
 from moesweep.model import Qwen3MoeAdapter  # noqa: E402
@@ -94,10 +94,7 @@ def main(argv=None):
     lines += ["", f"## The kernels of one decoder layer in launch order ({len(sequence)} kernels, "
               f"{sum(t for _, t in sequence):.1f} µs)", "", "| # | kernel | µs |", "|---|---|---|"]
     lines += [f"| {i} | `{name[:90]}` | {t:.1f} |" for i, (name, t) in enumerate(sequence)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

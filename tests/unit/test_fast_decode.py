@@ -12,6 +12,7 @@ from moesweep.engine import generate_greedy  # noqa: E402
 from moesweep.grid import Routing  # noqa: E402
 from moesweep.model import install_policy, load_model  # noqa: E402
 from moesweep.routing import RoutingContext  # noqa: E402
+from transformers_greedy import transformers_greedy  # noqa: E402
 
 PROMPTS = ["Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:", "Question: 7 + 5?\nAnswer:",
            "Question: A farmer has 12 cows and sells 5. How many are left?\nAnswer:"]
@@ -46,24 +47,12 @@ def test_decode_equals_reference_engine_tokens_and_accounting(embedded_model, ro
         assert torch.equal(g.load, s.load)
 
 
-@torch.inference_mode()
-def _transformers_greedy_ids(model, tokenizer, prompt, steps):
-    from transformers import DynamicCache
-
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    cache, out = DynamicCache(), []
-    for _ in range(steps):
-        ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(ids))
-    return out
-
-
 def test_forced_decode_predicts_the_reference_continuation(embedded_model):
     """Teacher forcing with transformers' own greedy tokens gives back those tokens (float32: no near-ties)."""
     from moesweep.fast.engine import FastQwen3MoeEngine
 
     model, tokenizer, adapter = load_model(str(embedded_model), "float32", "cpu")
-    ref = torch.tensor([_transformers_greedy_ids(model, tokenizer, p, 12) for p in PROMPTS[:2]])
+    ref = torch.tensor([transformers_greedy(model, tokenizer, p, 12)[0] for p in PROMPTS[:2]])
     widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
     fast = FastQwen3MoeEngine(model, adapter, Routing(), widths, {}, compile=False)
     enc = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -7,6 +7,7 @@ import torch
 
 from moesweep.evaluate import evaluate_cell
 from moesweep.grid import Routing, expand_grid
+from transformers_greedy import transformers_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -17,25 +18,6 @@ def _prompts(n):
 
     ds = {"source": "synthetic", "synthetic_seed": 1}
     return [build_prompt(get_preset("zeroshot"), p["question"], []) for p in load_split(ds, "test", n, 0)]
-
-
-@torch.inference_mode()
-def _transformers_greedy(model, tokenizer, prompt, steps):
-    """transformers' own forward (its default experts implementation), one sequence, no padding: the greedy tokens,
-    each step's top-1 minus top-2 logit, each step's largest |logit|, and the first step's logits."""
-    from transformers import DynamicCache
-
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.cuda()
-    cache, out, margins, scales, first_logits = DynamicCache(), [], [], [], None
-    for _ in range(steps):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
-        first_logits = logits if first_logits is None else first_logits
-        top2 = logits.topk(2, dim=-1).values[0]
-        margins.append(float(top2[0] - top2[1]))
-        scales.append(float(logits.abs().max()))
-        ids = logits.argmax(-1, keepdim=True)
-        out.append(int(ids))
-    return out, margins, scales, first_logits
 
 
 LOGIT_TOLERANCE = 2e-2  # |fast - transformers| / max |logit|, bf16 (the prefill check below)
@@ -56,7 +38,7 @@ def test_fast_bf16_decode_follows_transformers(embedded_model):
 
     model, tokenizer, adapter = load_model(str(embedded_model), "bfloat16", "cuda")
     prompts = _prompts(8)
-    reference = [_transformers_greedy(model, tokenizer, p, 128) for p in prompts]
+    reference = [transformers_greedy(model, tokenizer, p, 128) for p in prompts]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
     with torch.inference_mode():  # before the engine fuses q/k/v (values unchanged, but the same kernels as above)
         batched = model.generate(**enc, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)

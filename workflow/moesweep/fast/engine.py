@@ -42,13 +42,20 @@ def _rms_norm(x, weight, eps):
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _add_expert_outputs(x, moe_out):
+    """x [..., H] plus the previous layer's routed expert outputs (float32 [tokens * k, H], each already times its
+    routing weight), summed over k in float32 and rounded once."""
+    if moe_out is None:
+        return x
+    return x + moe_out.view(*x.shape[:-1], -1, x.shape[-1]).sum(-2).to(x.dtype)
+
+
 def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, cos, sin, eps, head_dim):
     """The previous layer's expert outputs into the residual, input norm, q/k/v with their norms and rotary."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
 
     B, S, H = x.shape
-    if moe_out is not None:
-        x = x + moe_out.view(B, S, -1, H).sum(2).to(x.dtype)
+    x = _add_expert_outputs(x, moe_out)
     h = _rms_norm(x, ln, eps)
     q = _rms_norm(F.linear(h, wq, bq).view(B, S, -1, head_dim), q_norm, eps).transpose(1, 2)
     k = _rms_norm(F.linear(h, wk, bk).view(B, S, -1, head_dim), k_norm, eps).transpose(1, 2)
@@ -60,8 +67,7 @@ def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, co
 def _qkv_decode(x, moe_out, ln, w_qkv, b_qkv, eps):
     """Decode step, x [B, H]: the previous layer's expert outputs into the residual, input norm, and q/k/v as one
     GEMM over the fused weight (fuse_qkv); the per-head norms, rotary and cache write follow in one kernel."""
-    if moe_out is not None:
-        x = x + moe_out.view(x.shape[0], -1, x.shape[1]).sum(1).to(x.dtype)
+    x = _add_expert_outputs(x, moe_out)
     return x, F.linear(_rms_norm(x, ln, eps), w_qkv, b_qkv)
 
 
@@ -199,11 +205,10 @@ class FastQwen3MoeEngine:
             x, moe_out = self._decode_layers(x[:, 0], cos[:, 0], sin[:, 0], write_pos, key_mask, valid)
         else:
             x, moe_out = self._prefill_layers(x, cos, sin, write_pos, key_mask, valid)
-            x = x[:, -1]
         if self.online is not None:
             self.online.after_forward()
-        x = x + moe_out.view(x.shape[0], -1, x.shape[-1])[:, -self._k:].sum(1).to(x.dtype)
-        return self.model.lm_head(m.norm(x))
+        x = _add_expert_outputs(x, moe_out)
+        return self.model.lm_head(m.norm(x if decode else x[:, -1]))
 
     def _layer_accumulators(self, i: int) -> tuple:
         return self.stats.counts[i], self.stats.load[i], self.online.mass[i] if self._track_mass else None

@@ -370,6 +370,12 @@ def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy,
     return sorted_assign, block_expert, hits
 
 
+def _aligned_sizes(n: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(blocks, rows) of the aligned layout, fixed by the call's shape: every expert may need a partial block."""
+    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
+    return max_blocks, max_blocks * block_m
+
+
 def _one_launch(index, num_experts: int) -> bool:
     """Whether the one-program alignment applies: a decode-sized call, on the GPU or in Triton's interpreter."""
     on_triton = index.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -379,10 +385,10 @@ def _one_launch(index, num_experts: int) -> bool:
 def _align_launch(index, num_experts: int, block_m: int, account=None):
     flat = index.reshape(-1)
     n = flat.shape[0]
-    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
-    capacity = max_blocks * block_m
+    max_blocks, capacity = _aligned_sizes(n, num_experts, block_m)
     sorted_assign = torch.empty(capacity, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
+    # without accounting the kernel never touches these pointers (ACCOUNT is off): any tensor will do
     valid, keep_policy, hot, hits, counts_acc, load_acc, T, decode = account or (flat, flat, None, flat, flat, flat,
                                                                                  1, False)
     n_p2, e_p2 = triton.next_power_of_2(n), triton.next_power_of_2(num_experts)
@@ -404,13 +410,12 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     (index == num_experts) get no block, so no program reads weights for them. Within an expert, assignments
     keep their flat order. Decode-sized calls take one Triton launch, prompts the torch ops below.
     """
+    if _one_launch(index, num_experts):
+        return _align_launch(index, num_experts, block_m)
     flat = index.reshape(-1)
     n = flat.shape[0]
     device = flat.device
-    max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
-    capacity = max_blocks * block_m
-    if _one_launch(index, num_experts):
-        return _align_launch(index, num_experts, block_m)
+    max_blocks, capacity = _aligned_sizes(n, num_experts, block_m)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     counts[num_experts:].zero_()  # the sentinel expert owns no blocks (fill_, not a host scalar copy: graph-safe)
