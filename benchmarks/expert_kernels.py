@@ -8,7 +8,8 @@ graph of --calls consecutive calls and replayed --repeats times; µs per layer =
 
 Paths: "tl.dot BM 16" forces the block size of the kernel the GEMV path replaced at decode (kernels.FORCE_BLOCK_M =
 16); "GEMV" is the default rule (kernels.decode_block_m: BM 1 at T 1, 2 at T 8, 4 at T 32, E 128, top-8) under each
-(BN, BK bytes per weight row and iteration, num_warps) of --configs (kernels.GEMV_TILES).
+(BN, BK bytes per weight row and iteration, num_warps) of --configs (kernels.GEMV_TILES and GEMV_TILES_ONE_ROW),
+or the tl.dot kernel at BM 16 with other tiles ("dot:BN,BK16,num_warps,num_stages"; kernels.DOT_DECODE_TILES).
 Reads are kept out of L2: every call takes the next of --routings random routings and the next of C copies of the
 layer's weights (separate memory, C chosen so that C calls touch at least 4x the L2 size), as decode does with 48
 layers between two calls of a layer.
@@ -44,6 +45,7 @@ E, H, I, TOP_K = 128, 2048, 768, 8  # config.json of Qwen/Qwen3-30B-A3B
 GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS = ["32,256,4", "16,256,4", "64,256,4", "32,512,4", "32,256,8"]
+DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 
 def build_weights(seed: int):
@@ -133,17 +135,24 @@ def measure(experts: list[FastMoeExperts], routes, n_calls: int, repeats: int):
 
 
 def set_path(path):
-    """path: "dot" or (BN, BK, num_warps) of the GEMV path."""
+    """path: "dot" (the tl.dot kernel at BM 16, default tiles), ("dot", BN, BK, num_warps, num_stages) (tl.dot at BM 16
+    with these tiles; BK for 16-bit weights, other widths keep theirs) or (BN, BK, num_warps) of the GEMV path."""
+    kernels.DOT_DECODE_TILES.update(DEFAULT_DOT_TILES, BK=dict(DEFAULT_DOT_TILES["BK"]))
     if path == "dot":
         kernels.FORCE_BLOCK_M = DOT_BLOCK_M
+    elif path[0] == "dot":
+        kernels.FORCE_BLOCK_M = DOT_BLOCK_M
+        kernels.DOT_DECODE_TILES.update(BN=path[1], num_warps=path[3], num_stages=path[4])
+        kernels.DOT_DECODE_TILES["BK"][16] = path[2]
     else:  # every width through the GEMV kernel (the engine keeps 16/8-bit tiers on tl.dot: kernels.GEMV_BITS)
         kernels.FORCE_BLOCK_M = None
         kernels.GEMV_BITS = (16, 8, 4, 2)
-        kernels.GEMV_TILES.update(BN=path[0], BK=path[1], num_warps=path[2])
+        for tiles in (kernels.GEMV_TILES, kernels.GEMV_TILES_ONE_ROW):
+            tiles.update(BN=path[0], BK=path[1], num_warps=path[2])
 
 
 def path_name(path) -> str:
-    return "tl.dot BM 16" if path == "dot" else "GEMV"
+    return "tl.dot BM 16" if path == "dot" or path[0] == "dot" else "GEMV"
 
 
 def width_name(bits: int) -> str:
@@ -151,7 +160,16 @@ def width_name(bits: int) -> str:
 
 
 def config_name(path) -> str:
-    return "" if path == "dot" else f"{path[0]}, {path[1]}, {path[2]}"
+    if path == "dot":
+        return ""
+    return "dot " + ", ".join(str(v) for v in path[1:]) if path[0] == "dot" else f"{path[0]}, {path[1]}, {path[2]}"
+
+
+def parse_config(text: str):
+    """ "BN,BK,num_warps" (GEMV) or "dot:BN,BK16,num_warps,num_stages" (tl.dot tiles at BM 16)."""
+    if text.startswith("dot:"):
+        return ("dot", *(int(v) for v in text[4:].split(",")))
+    return tuple(int(v) for v in text.split(","))
 
 
 def main(argv=None):
@@ -159,7 +177,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 8, 4, 2])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                    help="GEMV tiles as BN,BK,num_warps (BK: bytes of every weight row per loop iteration)")
+                    help="GEMV tiles as BN,BK,num_warps (BK: bytes of every weight row per loop iteration), or "
+                         "tl.dot tiles at BM 16 as dot:BN,BK16,num_warps,num_stages (BK16: columns, 16-bit weights)")
     ap.add_argument("--routings", type=int, default=16, help="distinct random routings the calls cycle through")
     ap.add_argument("--calls", type=int, default=48, help="layer calls per CUDA graph")
     ap.add_argument("--repeats", type=int, default=7, help="graph replays; the median is reported")
@@ -171,13 +190,13 @@ def main(argv=None):
     if 16 not in args.widths:
         args.widths = [16, *args.widths]  # the ratios are against bf16
     args.widths = sorted(set(args.widths), reverse=True)
-    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs]
+    configs = [parse_config(c) for c in args.configs]
 
     bandwidth = copy_bandwidth(2.0)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
     gate_up, down, packed = build_weights(args.seed)
-    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES), kernels.GEMV_BITS)
+    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES), kernels.GEMV_BITS, dict(kernels.GEMV_TILES_ONE_ROW))
     rows = []  # dicts, one per (T, path, config, width)
     try:
         for T in args.tokens:
@@ -206,8 +225,9 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     finally:
         kernels.FORCE_BLOCK_M, kernels.GEMV_BITS = saved[0], saved[2]
-        kernels.GEMV_TILES.clear()
         kernels.GEMV_TILES.update(saved[1])
+        kernels.GEMV_TILES_ONE_ROW.update(saved[3])
+        kernels.DOT_DECODE_TILES.update(DEFAULT_DOT_TILES, BK=dict(DEFAULT_DOT_TILES["BK"]))
     write_table(args, bandwidth, l2, rows, final=True)
 
 
@@ -240,8 +260,8 @@ def write_table(args, bandwidth, l2, rows, final=False):
                      f"{r['block_m']} | {r['us']:.1f} | {r['distinct']:.1f} | {r['bytes'] / 1e6:.1f} | "
                      f"{r['bytes'] / r['us'] / 1e3:.0f} | {ratio(us_of.get((r['T'], 16, r['path'])), r['us'])} | "
                      f"{ratio(us_of.get((r['T'], r['bits'], 'dot')), r['us'])} | {r['diff']:.1e} | {r['copies']} |")
-    lines += ["", "## Best GEMV config per token count and width", "",
-              "| T | width | tl.dot µs | best GEMV µs | config | GEMV × dot | GEMV × bf16 (best GEMV each) |",
+    lines += ["", "## Best config per token count and width (GEMV, or tl.dot with other tiles)", "",
+              "| T | width | tl.dot µs (default tiles) | best other µs | config | × dot | × bf16 (best each) |",
               "|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:

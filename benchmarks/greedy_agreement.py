@@ -2,10 +2,11 @@
 
 For 8 GSM-style prompts, transformers' own forward decodes each prompt alone for 128 steps (the reference; with
 each step's top-1 minus top-2 logit). Then, on the same weights:
-* the fast engine teacher-forced (each step fed the reference's previous token), batch of 8 with left padding:
-  which predictions differ, and the reference's margin at each of them;
+* the fast engine teacher-forced (each step fed the reference's previous token), batch of 8 with left padding,
+  and each prompt alone: which predictions differ, and the reference's margin at each of them;
 * the same with torch.topk routing instead of the sort-based top-k (ties between bf16 router logits);
-* free-running: prompts whose 128 tokens equal the reference's, for the fast engine and, as the yardstick of
+* free-running: prompts whose 128 tokens equal the reference's, for the fast engine (each prompt alone, and the
+  batch of 8) and, as the yardstick of
   what bf16 batching alone does, for transformers' own `generate` on the same left-padded batch of 8.
 
 Command (H200 through the device tool):
@@ -48,15 +49,20 @@ def reference(model, tokenizer, prompt):
     return tokens, margins
 
 
-def forced(model, adapter, tokenizer, prompts, want, torch_topk: bool):
+def forced(model, adapter, tokenizer, prompts, want, torch_topk: bool, alone: bool = False):
+    """alone: each prompt decoded by itself (batch 1, no padding), as the reference; else one left-padded batch."""
     saved = fast_engine.route
     if torch_topk:  # the compiled glue calls route(..., sort_topk=True); this variant ignores it
         fast_engine.route = lambda *a, sort_topk=False, **k: route(*a, **k)
     try:
         widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
         fast = fast_engine.FastQwen3MoeEngine(model, adapter, Routing(), widths, {})
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        got = fast.forced_decode(enc.input_ids.cuda(), enc.attention_mask.cuda(), want[:, :-1])
+        groups = [[i] for i in range(len(prompts))] if alone else [list(range(len(prompts)))]
+        got = []
+        for group in groups:
+            enc = tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True, add_special_tokens=False)
+            got.append(fast.forced_decode(enc.input_ids.cuda(), enc.attention_mask.cuda(), want[group, :-1]))
+        got = torch.cat(got)
     finally:
         fast_engine.route = saved
     return fast, got
@@ -81,8 +87,10 @@ def main(argv=None):
              f"- 8 prompts x {STEPS} steps; reference = transformers' forward, each prompt alone. Margin = the "
              "reference's top-1 minus top-2 logit / max |logit| at that step.", ""]
     fast = None
-    for name, torch_topk in (("fast engine (sort-based top-k)", False), ("fast engine, torch.topk routing", True)):
-        fast, got = forced(model, adapter, tokenizer, prompts, want, torch_topk)
+    for name, torch_topk, alone in (("fast engine (sort-based top-k), batch of 8", False, False),
+                                    ("fast engine, torch.topk routing, batch of 8", True, False),
+                                    ("fast engine, each prompt alone (batch 1)", False, True)):
+        fast, got = forced(model, adapter, tokenizer, prompts, want, torch_topk, alone)
         differ = (got != want).nonzero().tolist()
         lines.append(f"## Teacher-forced: {name}: {len(differ)} of {want.numel()} predictions differ")
         lines += [f"- prompt {b}, step {s}: reference token {int(want[b, s])} (margin {float(margins[b, s]):.4f}), "
@@ -90,11 +98,14 @@ def main(argv=None):
         lines.append("")
     completions, _ = fast.generate(tokenizer, prompts, STEPS, batch_size=8, stop_checks=False)
     same_fast = [tokenizer.decode(r[0], skip_special_tokens=True) == c.text for r, c in zip(refs, completions)]
+    alone, _ = fast.generate(tokenizer, prompts, STEPS, batch_size=1, stop_checks=False)
+    same_alone = [tokenizer.decode(r[0], skip_special_tokens=True) == c.text for r, c in zip(refs, alone)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
     same_hf = [out[b, enc.input_ids.shape[1]:].tolist() == refs[b][0] for b in range(len(prompts))]
     lines += ["## Free-running, 128 tokens equal to the reference's",
+              f"- fast engine, each prompt alone (batch 1, as the reference): {sum(same_alone)}/8 prompts",
               f"- fast engine, batch 8: {sum(same_fast)}/8 prompts",
               f"- transformers' own generate, same left-padded batch of 8: {sum(same_hf)}/8 prompts", ""]
     text = "\n".join(lines)

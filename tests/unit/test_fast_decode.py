@@ -57,3 +57,21 @@ def test_forced_decode_predicts_the_reference_continuation(embedded_model):
     fast = FastQwen3MoeEngine(model, adapter, Routing(), widths, {}, compile=False)
     enc = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     assert torch.equal(fast.forced_decode(enc.input_ids, enc.attention_mask, ref[:, :-1]), ref)
+
+
+def test_batch_one_decode_takes_the_gemv_projections_and_follows_transformers(embedded_model, monkeypatch):
+    """Batch 1 is where the decode step projects q/k/v and o with fast/gemv.py (o split over its columns, the partial
+    sums added in the compiled glue): teacher-forced predictions equal transformers' greedy tokens."""
+    from moesweep.fast import engine as fast_engine, gemv
+
+    calls = []
+    real = gemv.dense_gemv
+    monkeypatch.setattr(gemv, "dense_gemv", lambda *a, **k: calls.append(a[2] if len(a) > 2 else None) or real(*a, **k))
+    model, tokenizer, adapter = load_model(str(embedded_model), "float32", "cpu")
+    ref = torch.tensor([transformers_greedy(model, tokenizer, PROMPTS[2], 12)[0]])
+    widths = {l.index: torch.full((adapter.num_experts,), 16) for l in adapter.layers()}
+    fast = fast_engine.FastQwen3MoeEngine(model, adapter, Routing(), widths, {}, compile=False)
+    enc = tokenizer(PROMPTS[2:], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(fast.forced_decode(enc.input_ids, enc.attention_mask, ref[:, :-1]), ref)
+    # per decode step and layer: q/k/v unsplit, then o in slices
+    assert calls[:2] == [None, fast._o_split] and len(calls) == 2 * 11 * len(adapter.layers())

@@ -8,9 +8,10 @@ has no host synchronisation) and FastMoeExperts.
 
 A decode step is one CUDA graph of few launches per layer, because at batch 1 the weights of a layer take ~40 µs
 to read and every launch costs a few µs (benchmarks/results/profile_decode_step_h200.md counted 45 per layer
-before this layout): the residual + norm + one q/k/v GEMM over fused weights (fuse_qkv; compiled), one kernel for
-the q/k norms, rotary and the cache write, a split-K decode attention and its combine (fast/attention.py), the
-o-projection + norm + router + policy + accounting (compiled; top-k by a sort inductor can fuse), the expert
+before this layout): the residual + norm (compiled) and one q/k/v GEMV over fused weights (fuse_qkv; fast/gemv.py
+at batch 1, else cuBLAS), one kernel for the q/k norms, rotary and the cache write, a split-K decode attention and
+its combine (fast/attention.py), the o-projection GEMV, then residual + norm + router + policy + accounting
+(compiled; top-k by a sort inductor can fuse), the expert
 alignment (one launch) and the grouped expert kernels (fast/kernels.py). Prefill runs eagerly with transformers'
 attention composition over SDPA.
 
@@ -23,6 +24,7 @@ synchronisation (the benchmark's setting), the tokens being collected on the dev
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -32,6 +34,7 @@ from ..engine import Completion, GenerationTiming, _finish, length_sorted_batche
 from ..grid import Routing
 from ..routing import LayerRoutingStats, policy_k, route
 from .attention import decode_attention, qk_norm_rope_store
+from . import gemv as dense
 from .kernels import align_and_account
 from .moe import FastMoeExperts
 
@@ -66,9 +69,11 @@ def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, co
 
 def _qkv_decode(x, moe_out, ln, w_qkv, b_qkv, eps):
     """Decode step, x [B, H]: the previous layer's expert outputs into the residual, input norm, and q/k/v as one
-    GEMM over the fused weight (fuse_qkv); the per-head norms, rotary and cache write follow in one kernel."""
+    GEMM over the fused weight (fuse_qkv); the per-head norms, rotary and cache write follow in one kernel.
+    w_qkv None: returns the normed input instead, for the Triton GEMV (gemv.dense_gemv) to project."""
     x = _add_expert_outputs(x, moe_out)
-    return x, F.linear(_rms_norm(x, ln, eps), w_qkv, b_qkv)
+    h = _rms_norm(x, ln, eps)
+    return x, h if w_qkv is None else F.linear(h, w_qkv, b_qkv)
 
 
 def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
@@ -78,7 +83,9 @@ def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, 
     mass_acc also the router probability mass routed to each expert (dynamic precision's hotness input, as
     dynamic.DynamicPrecision.observe). All on the device; nothing here reads a value back to the host."""
     H = x.shape[-1]
-    x = x + F.linear(o, wo, bo)
+    # wo None: o is already projected, as float32 split-K partial sums [S, B, H] of gemv.dense_gemv (summed here,
+    # where inductor fuses the sum into the residual add, and rounded once as a GEMM's output is)
+    x = x + (o.sum(0).to(x.dtype) if wo is None else F.linear(o, wo, bo))
     h = _rms_norm(x, post_ln, eps).reshape(-1, H)
     if decode:  # a reduction inductor fuses (cuBLAS took 6 µs for this 0.5 MB GEMV); float32 sums as F.linear's
         logits = (h[:, None, :].float() * router[None].float()).sum(-1).to(h.dtype)
@@ -179,6 +186,11 @@ class FastQwen3MoeEngine:
         self._scaling = self._head_dim ** -0.5
         self._heads = cfg.num_attention_heads
         self._params = self._collect_params()
+        # Triton GEMVs for the decode step's attention projections (no bias: Qwen3-MoE's attention_bias is off by
+        # default; with a bias the projections stay on cuBLAS, which adds it in its epilogue)
+        self._dense_gemv = not getattr(cfg, "attention_bias", False) and (
+            self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        self._o_split = dense.split_for(cfg.hidden_size, self._heads * self._head_dim, dense.O_PROJ_TILES)
         self._compiled = None
         if compile:
             import torch._dynamo
@@ -222,14 +234,27 @@ class FastQwen3MoeEngine:
         B = x.shape[0]
         q = torch.empty(B, self._heads, self._head_dim, dtype=x.dtype, device=x.device)
         o = torch.empty_like(q)
+        # batch 1: the attention projections as Triton GEMVs (gemv.py), which read the weights faster than cuBLAS
+        # does at this size; the o-projection split over its input columns, its partial sums added in route_block
+        gemv = self._dense_gemv and B <= dense.ENGINE_MAX_ROWS
         moe_out = None
         for i, l in enumerate(self.layers):
             p = self._params[i]
-            x, qkv = qkv_decode(x, moe_out, *p["qkv"], self._eps)
+            ln, w_qkv, b_qkv = p["qkv"]
+            wo, bo, post_ln, router = p["route"]
+            if gemv:
+                x, h = qkv_decode(x, moe_out, ln, None, None, self._eps)
+                qkv = dense.dense_gemv(h, w_qkv, tiles=dense.QKV_TILES)
+            else:
+                x, qkv = qkv_decode(x, moe_out, ln, w_qkv, b_qkv, self._eps)
             qk_norm_rope_store(qkv, *p["qk_norm"], cos, sin, self._eps, k_cache[i, :B], v_cache[i, :B], slot, q)
             decode_attention(q, k_cache[i, :B], v_cache[i, :B], keys, self._scaling, o)
+            if gemv:
+                attn = (dense.dense_gemv(o.view(B, -1), wo, self._o_split, dense.O_PROJ_TILES), None, None)
+            else:
+                attn = (o.view(B, -1), wo, bo)
             x, h, weights, sorted_assign, block_expert, hits = route_block(
-                x, o.view(B, -1), *p["route"], valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k,
+                x, *attn, post_ln, router, valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k,
                 self.norm, self.num_experts, self.experts[l.index].block_m(B * self._k), True,
                 *self._layer_accumulators(i))
             moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert, hits)

@@ -434,9 +434,11 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
 
 # Tiles of the decode (GEMV) path, blocks of BM < 16 rows (tile_sizes): BN output rows per program, BK bytes of every
 # weight row per loop iteration (16 bit: 2 bytes a column, int4: half a byte), num_warps. Memory-bound decode on an
-# H200: BN 32 gives gate_up at batch 1 (8 experts x 768 / 32 = 192 programs) more programs than SMs; 256 bytes per row
-# and iteration keep 2 x 32 x 256 = 16 KB of gate_up weights in flight per program. benchmarks/expert_kernels.py
-# sweeps them; tests shrink them.
+# H200 (benchmarks/expert_kernels.py sweeps them; results/expert_kernels_h200.md): blocks of one row (batch 1) take
+# many small programs (BN 8, 2 warps: int4 31.1 vs 34.7 µs per layer with BN 32, 4 warps); blocks of 2 and 4 rows
+# keep BN 32 with 4 warps (BN 16 gained 2 % at 8 tokens but cost the int4 engine 27 % at batch 32:
+# results/fast_engine_h200.md). Tests shrink them.
+GEMV_TILES_ONE_ROW = {"BN": 8, "BK": 256, "num_warps": 2}
 GEMV_TILES = {"BN": 32, "BK": 256, "num_warps": 4}
 # Rows per aligned block for every launch, instead of tile_sizes' rule (None). Benchmarks set 16 for the tl.dot
 # decode path that the GEMV path replaced; tests use it to give experts several blocks.
@@ -446,6 +448,12 @@ DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV ker
 # fewer rows): on the H200 it was faster for them at decode (bf16 33.7 vs 40.2 µs, int8 35.7 vs 45.5 µs per layer at
 # batch 1; benchmarks/results/expert_kernels_h200.md), while int4/int2 dequantise 2x / 1.4x faster without it.
 GEMV_BITS = (4, 2)
+# Tiles of the tl.dot kernel for decode-sized blocks (BM < 64): BN output rows per program, BK input columns per
+# loop iteration by width (at most one scale group), num_warps, num_stages. benchmarks/expert_kernels.py sweeps them
+# ("dot:BN,BK16,warps,stages"); prefill blocks (BM 64) keep BN 32 and the width's BK.
+# Five stages of software pipelining keep more weight tiles in flight than Triton's default three: bf16 experts 29.1
+# vs 33.6 µs per layer at batch 1, 126 vs 139 µs at 8 tokens (results/expert_kernels_h200.md).
+DOT_DECODE_TILES = {"BN": 32, "BK": {16: 64, 8: 64, 4: 128, 2: 128}, "num_warps": 4, "num_stages": 5}
 
 
 def decode_block_m(num_assign: int, num_experts: int) -> int:
@@ -476,9 +484,16 @@ def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, 
     (128, 64 for 8 bit), and the scale and zero are loaded once per row and tile; at least 16 codes per byte
     position (tl.dot's K). BM < 16 (GEMV kernel): GEMV_TILES, BK in input columns per loop iteration."""
     bm = decode_block_m(num_assign, num_experts)
-    if bm >= DOT_MIN_BLOCK_M or bits not in GEMV_BITS:
+    if bm >= 64:
         return bm, 32, {16: 64, 8: 64, 4: 128, 2: 128}[bits]
-    return bm, GEMV_TILES["BN"], GEMV_TILES["BK"] * 8 // bits
+    if bm >= DOT_MIN_BLOCK_M or bits not in GEMV_BITS:
+        return bm, DOT_DECODE_TILES["BN"], DOT_DECODE_TILES["BK"][bits]
+    tiles = gemv_tiles(bm)
+    return bm, tiles["BN"], tiles["BK"] * 8 // bits
+
+
+def gemv_tiles(bm: int) -> dict:
+    return GEMV_TILES_ONE_ROW if bm == 1 else GEMV_TILES
 
 
 def _gemv_tiling(tier: ExpertTier, bm: int, bn: int, bk: int, num_warps: int,
@@ -532,7 +547,7 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     zeros = tier.zeros if tier.zeros is not None else w
     grid = (block_expert.shape[0], triton.cdiv(n_out, bn))
     if bm < DOT_MIN_BLOCK_M and tier.bits in GEMV_BITS:
-        num_warps = GEMV_TILES["num_warps"]
+        num_warps = gemv_tiles(bm)["num_warps"]
         gk, unroll, group_const, even_k = _gemv_tiling(tier, bm, bn, bk, num_warps, gate_up)
         _grouped_expert_gemv_kernel[grid](
             x, out, sorted_assign, block_expert, slot_of_expert, routed_weight if routed_weight is not None else x,
@@ -548,4 +563,5 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
         slot_of_expert.shape[0], x.stride(0), out.stride(0), w.stride(0), w.stride(1), scales.stride(0),
         scales.stride(1), BITS=tier.bits, ASYM=tier.zeros is not None, GATE_UP=gate_up,
         GROUP_CONST=tier.bits != 16 and tier.group_size % bk == 0,
-        ROUTED_WEIGHT=routed_weight is not None, BM=max(bm, DOT_MIN_BLOCK_M), BN=bn, BK=bk, ROWS=bm)
+        ROUTED_WEIGHT=routed_weight is not None, BM=max(bm, DOT_MIN_BLOCK_M), BN=bn, BK=bk, ROWS=bm,
+        **({} if bm >= 64 else {k: DOT_DECODE_TILES[k] for k in ("num_warps", "num_stages")}))
