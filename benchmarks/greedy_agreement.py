@@ -6,8 +6,8 @@ each step's top-1 minus top-2 logit). Then, on the same weights:
   and each prompt alone: which predictions differ, and the reference's margin at each of them;
 * the same with torch.topk routing instead of the sort-based top-k (ties between bf16 router logits);
 * free-running: prompts whose 128 tokens equal the reference's, for the fast engine (each prompt alone, and the
-  batch of 8) and, as the yardstick of
-  what bf16 batching alone does, for transformers' own `generate` on the same left-padded batch of 8.
+  batch of 8) and, as the yardstick of what bf16 batching alone does, for transformers' own `generate` on the
+  same left-padded batch of 8.
 
 Command (H200 through the device tool):
     PYTHONPATH=workflow python3 benchmarks/greedy_agreement.py --out $OUT/greedy_agreement_h200.md
@@ -23,7 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from fast_engine import write_report  # noqa: E402
 from moesweep.data.prompts import build_prompt, get_preset  # noqa: E402
 from moesweep.data.sources import load_split  # noqa: E402
 from moesweep.fast import engine as fast_engine  # noqa: E402
@@ -108,10 +110,7 @@ def main(argv=None):
               f"- fast engine, each prompt alone (batch 1, as the reference): {sum(same_alone)}/8 prompts",
               f"- fast engine, batch 8: {sum(same_fast)}/8 prompts",
               f"- transformers' own generate, same left-padded batch of 8: {sum(same_hf)}/8 prompts", ""]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from fast_engine import write_report  # noqa: E402
 from moesweep.data.prompts import build_prompt, get_preset  # noqa: E402
 from moesweep.data.sources import load_split  # noqa: E402
 from moesweep.fast import engine as fast_engine  # noqa: E402
@@ -118,10 +120,7 @@ def main(argv=None):
             lines.append(f"| {layer.index} | {sorted(ref_set - fast_set)} | {sorted(fast_set - ref_set)} | "
                          f"{gap:.2e} | {float((p - fast_p).abs().max()):.2e} |")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":
