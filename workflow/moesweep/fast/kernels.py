@@ -482,7 +482,8 @@ def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, 
     """(BM, BN, BK); BM from decode_block_m, so it never depends on `bits`.
     BM >= 16 (tl.dot kernel): BK at most 128 input columns so a tile lies inside one scale group of the usual sizes
     (128, 64 for 8 bit), and the scale and zero are loaded once per row and tile; at least 16 codes per byte
-    position (tl.dot's K). BM < 16 (GEMV kernel): GEMV_TILES, BK in input columns per loop iteration."""
+    position (tl.dot's K); decode-sized blocks (BM < 64) take DOT_DECODE_TILES. BM < 16 (GEMV kernel, widths in
+    GEMV_BITS): gemv_tiles(BM), BK returned in input columns per loop iteration."""
     bm = decode_block_m(num_assign, num_experts)
     if bm >= 64:
         return bm, 32, {16: 64, 8: 64, 4: 128, 2: 128}[bits]
@@ -493,6 +494,7 @@ def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, 
 
 
 def gemv_tiles(bm: int) -> dict:
+    """The GEMV kernel's tiles for blocks of bm rows (GEMV_TILES_ONE_ROW at batch 1, else GEMV_TILES)."""
     return GEMV_TILES_ONE_ROW if bm == 1 else GEMV_TILES
 
 
