@@ -57,36 +57,33 @@ def main(argv=None):
               "replays. TB/s = weight bytes / time. config = BN, BK, num_warps, split. × cuBLAS = F.linear µs / this "
               "µs. rel. diff = ||y - y_cuBLAS|| / ||y_cuBLAS||.", "",
               "| projection | M | path | config | µs | TB/s | × cuBLAS | rel. diff |", "|---|---|---|---|---|---|---|---|"]
-    rows, saved = [], dict(gemv.DENSE_GEMV_TILES)
-    try:
-        for name, (n_out, k) in SHAPES.items():
-            size = n_out * k * 2
-            copies = max(1, math.ceil(4 * l2 / size))
-            weights = [torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            for m in args.rows:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                y_ref = F.linear(x, weights[0]).float()
-                calls = [partial(F.linear, x, weights[i % copies]) for i in range(args.calls)]
-                base = time_calls(calls, args.repeats)
-                rows.append(f"| {name} | {m} | cuBLAS |  | {base:.1f} | {size / base / 1e6:.2f} | 1.00 | 0 |")
+    rows = []
+    for name, (n_out, k) in SHAPES.items():
+        size = n_out * k * 2
+        copies = max(1, math.ceil(4 * l2 / size))
+        weights = [torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y_ref = F.linear(x, weights[0]).float()
+            calls = [partial(F.linear, x, weights[i % copies]) for i in range(args.calls)]
+            base = time_calls(calls, args.repeats)
+            rows.append(f"| {name} | {m} | cuBLAS |  | {base:.1f} | {size / base / 1e6:.2f} | 1.00 | 0 |")
+            print(rows[-1], flush=True)
+            for config in args.configs:
+                bn, bk, warps, split = config.split(",")
+                tiles = {"BN": int(bn), "BK": int(bk), "num_warps": int(warps)}
+                split = gemv.split_for(n_out, k, tiles) if split == "auto" else int(split)
+                calls = [partial(gemv.dense_gemv, x, weights[i % copies], split, tiles)
+                         for i in range(args.calls)]
+                us = time_calls(calls, args.repeats)
+                y = gemv.dense_gemv(x, weights[0], split, tiles).sum(0)
+                diff = float((y - y_ref).norm() / y_ref.norm())
+                rows.append(f"| {name} | {m} | Triton GEMV | {bn}, {bk}, {warps}, {split} | {us:.1f} | "
+                            f"{size / us / 1e6:.2f} | {base / us:.2f} | {diff:.1e} |")
                 print(rows[-1], flush=True)
-                for config in args.configs:
-                    bn, bk, warps, split = config.split(",")
-                    gemv.DENSE_GEMV_TILES.update(BN=int(bn), BK=int(bk), num_warps=int(warps))
-                    split = gemv.split_for(n_out, k) if split == "auto" else int(split)
-                    calls = [partial(gemv.dense_gemv, x, weights[i % copies], split) for i in range(args.calls)]
-                    us = time_calls(calls, args.repeats)
-                    y = gemv.dense_gemv(x, weights[0], split).sum(0)
-                    diff = float((y - y_ref).norm() / y_ref.norm())
-                    rows.append(f"| {name} | {m} | Triton GEMV | {bn}, {bk}, {warps}, {split} | {us:.1f} | "
-                                f"{size / us / 1e6:.2f} | {base / us:.2f} | {diff:.1e} |")
-                    print(rows[-1], flush=True)
-                    write_report(args.out, header + rows, echo=False)
-            del weights
-            torch.cuda.empty_cache()
-    finally:
-        gemv.DENSE_GEMV_TILES.clear()
-        gemv.DENSE_GEMV_TILES.update(saved)
+                write_report(args.out, header + rows, echo=False)
+        del weights
+        torch.cuda.empty_cache()
     write_report(args.out, header + rows, echo=False)
 
 

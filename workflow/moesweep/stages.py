@@ -157,13 +157,10 @@ def _output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return torch.einsum("eoi,eij,eoj->e", weight.double(), hessian.double(), weight.double())
 
 
-def _relative_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
-                    energy: torch.Tensor | None = None) -> torch.Tensor:
-    """Per expert ||X ΔWᵀ||_F / ||X Wᵀ||_F. `energy`: _output_energy(weight, hessian), which does not depend on
-    the width, computed once when several widths are measured (it is half of the cost)."""
-    num = _output_energy(delta, hessian)
-    den = _output_energy(weight, hessian) if energy is None else energy
-    return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().float()
+def _relative_error(delta: torch.Tensor, hessian: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Per expert ||X ΔWᵀ||_F / ||X Wᵀ||_F, with energy = _output_energy(W, H): it does not depend on the width, so
+    it is computed once for all widths measured (it is half of the cost)."""
+    return (_output_energy(delta, hessian).clamp_min(0) / energy.clamp_min(1e-30)).sqrt().float()
 
 
 def _spec(quant_cfg: dict, bits: int, method: str):
@@ -173,11 +170,12 @@ def _spec(quant_cfg: dict, bits: int, method: str):
                      method=method, damp=quant_cfg.get("damp", 0.01), min_tokens=quant_cfg.get("min_tokens", 0))
 
 
-def _error_rows(layer: int, name: str, weight, q, counts, counts_ho, hess_ho, energy=None) -> list[dict]:
-    """Rows of the error table for one projection; the error is computed where the weight lies."""
+def _error_rows(layer: int, name: str, weight, q, counts, counts_ho, hess_ho, energy) -> list[dict]:
+    """Rows of the error table for one projection; the error is computed where the weight lies (hess_ho and
+    energy = _output_energy(weight, hess_ho) are there already)."""
     from .quant import dequantize, expert_nbytes
 
-    err = _relative_error(dequantize(q).to(weight.device) - weight, weight, hess_ho.to(weight.device), energy).cpu()
+    err = _relative_error(dequantize(q).to(weight.device) - weight, hess_ho, energy).cpu()
     nbytes = expert_nbytes(q)
     spec = q.spec
     return [{"layer": layer, "expert": e, "projection": name, "method": spec.method, "bits": spec.bits,
@@ -201,9 +199,10 @@ def _quantize_projection(layer: int, name: str, weight, hessian, counts, counts_
     for e0 in range(0, E, EXPERT_CHUNK):
         sl = slice(e0, min(e0 + EXPERT_CHUNK, E))
         qs = quantize_all_widths(weight[sl], hessian[sl] if gptq else None, counts[sl] if gptq else None, specs)
-        energy = _output_energy(weight[sl], hess_ho[sl].to(weight.device))  # shared by the widths
+        hess_held_out = hess_ho[sl].to(weight.device)  # moved once, not once per width
+        energy = _output_energy(weight[sl], hess_held_out)  # shared by the widths
         for i, q in enumerate(qs):
-            rows = _error_rows(layer, name, weight[sl], q, counts[sl], counts_ho[sl], hess_ho[sl], energy)
+            rows = _error_rows(layer, name, weight[sl], q, counts[sl], counts_ho[sl], hess_held_out, energy)
             for r in rows:
                 r["expert"] += e0
             parts[i].append((q, rows))

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-# BN weight rows per program, BK columns per loop iteration, warps: benchmarks/decode_gemv.py sweeps them. Measured
+# Tiles: BN weight rows per program, BK columns per loop iteration, warps (benchmarks/decode_gemv.py sweeps them, passing
+# each as `tiles`). DENSE_GEMV_TILES: the default of callers that do not choose; the engine's are measured
 # on the H200 at one row (results/decode_gemv_h200.md): q/k/v [5120, 2048] 7.3 µs with QKV_TILES, cuBLAS 8.0;
 # o_proj [2048, 4096] in 4 slices 5.9 µs with O_PROJ_TILES, cuBLAS 9.3 (its split-K GEMM and reduction launch).
 DENSE_GEMV_TILES = {"BN": 16, "BK": 256, "num_warps": 4}
