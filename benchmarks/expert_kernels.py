@@ -8,8 +8,10 @@ graph of --calls consecutive calls and replayed --repeats times; µs per layer =
 
 Paths: "tl.dot BM 16" forces the block size of the kernel the GEMV path replaced at decode (kernels.FORCE_BLOCK_M =
 16); "GEMV" is the default rule (kernels.decode_block_m: BM 1 at T 1, 2 at T 8, 4 at T 32, E 128, top-8) under each
-(BN, BK bytes per weight row and iteration, num_warps) of --configs (kernels.GEMV_TILES and GEMV_TILES_ONE_ROW),
-or the tl.dot kernel at BM 16 with other tiles ("dot:BN,BK16,num_warps,num_stages"; kernels.DOT_DECODE_TILES).
+(BN, BK bytes per weight row and iteration, num_warps) of --configs (kernels.GEMV_TILES and GEMV_TILES_ONE_ROW); at
+T 1 16-bit blocks of one row take the 2-D kernel (kernels.ROW_GEMV), "3d:BN,BK,num_warps" the general GEMV kernel
+instead ("GEMV 3-D"); or the tl.dot kernel at BM 16 with other tiles ("dot:BN,BK16,num_warps,num_stages";
+kernels.DOT_DECODE_TILES).
 Reads are kept out of L2: every call takes the next of --routings random routings and the next of C copies of the
 layer's weights (separate memory, C chosen so that C calls touch at least 4x the L2 size), as decode does with 48
 layers between two calls of a layer.
@@ -144,15 +146,18 @@ def set_path(path):
         kernels.FORCE_BLOCK_M = DOT_BLOCK_M
         kernels.DOT_DECODE_TILES.update(BN=path[1], num_warps=path[3], num_stages=path[4])
         kernels.DOT_DECODE_TILES["BK"][16] = path[2]
-    else:  # every width through the GEMV kernel (the engine keeps 16/8-bit tiers on tl.dot: kernels.GEMV_BITS)
+    else:  # every width through the GEMV kernels (the engine keeps 16/8-bit tiers on tl.dot: kernels.GEMV_BITS)
         kernels.FORCE_BLOCK_M = None
         kernels.GEMV_BITS = (16, 8, 4, 2)
-        for tiles in (kernels.GEMV_TILES, kernels.GEMV_TILES_ONE_ROW):
-            tiles.update(BN=path[0], BK=path[1], num_warps=path[2])
+        kernels.ROW_GEMV = path[0] != "3d"
+        for tiles in (kernels.GEMV_TILES, kernels.GEMV_TILES_ONE_ROW, kernels.ROW_GEMV_TILES):
+            tiles.update(BN=path[-3], BK=path[-2], num_warps=path[-1])
 
 
 def path_name(path) -> str:
-    return "tl.dot BM 16" if path == "dot" or path[0] == "dot" else "GEMV"
+    if path == "dot" or path[0] == "dot":
+        return "tl.dot BM 16"
+    return "GEMV 3-D" if path[0] == "3d" else "GEMV"
 
 
 def width_name(bits: int) -> str:
@@ -162,13 +167,17 @@ def width_name(bits: int) -> str:
 def config_name(path) -> str:
     if path == "dot":
         return ""
-    return "dot " + ", ".join(str(v) for v in path[1:]) if path[0] == "dot" else f"{path[0]}, {path[1]}, {path[2]}"
+    if path[0] == "dot":
+        return "dot " + ", ".join(str(v) for v in path[1:])
+    return ", ".join(str(v) for v in path[-3:])
 
 
 def parse_config(text: str):
-    """ "BN,BK,num_warps" (GEMV) or "dot:BN,BK16,num_warps,num_stages" (tl.dot tiles at BM 16)."""
-    if text.startswith("dot:"):
-        return ("dot", *(int(v) for v in text[4:].split(",")))
+    """ "BN,BK,num_warps" (GEMV), "3d:BN,BK,num_warps" (the general GEMV kernel for one-row blocks too) or
+    "dot:BN,BK16,num_warps,num_stages" (tl.dot tiles at BM 16)."""
+    for prefix in ("dot", "3d"):
+        if text.startswith(prefix + ":"):
+            return (prefix, *(int(v) for v in text[len(prefix) + 1:].split(",")))
     return tuple(int(v) for v in text.split(","))
 
 
@@ -196,7 +205,8 @@ def main(argv=None):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
     gate_up, down, packed = build_weights(args.seed)
-    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES), kernels.GEMV_BITS, dict(kernels.GEMV_TILES_ONE_ROW))
+    saved = (kernels.FORCE_BLOCK_M, dict(kernels.GEMV_TILES), kernels.GEMV_BITS, dict(kernels.GEMV_TILES_ONE_ROW),
+             kernels.ROW_GEMV, dict(kernels.ROW_GEMV_TILES))
     rows = []  # dicts, one per (T, path, config, width)
     try:
         for T in args.tokens:
@@ -224,9 +234,10 @@ def main(argv=None):
                 del experts
                 torch.cuda.empty_cache()
     finally:
-        kernels.FORCE_BLOCK_M, kernels.GEMV_BITS = saved[0], saved[2]
+        kernels.FORCE_BLOCK_M, kernels.GEMV_BITS, kernels.ROW_GEMV = saved[0], saved[2], saved[4]
         kernels.GEMV_TILES.update(saved[1])
         kernels.GEMV_TILES_ONE_ROW.update(saved[3])
+        kernels.ROW_GEMV_TILES.update(saved[5])
         kernels.DOT_DECODE_TILES.update(DEFAULT_DOT_TILES, BK=dict(DEFAULT_DOT_TILES["BK"]))
     write_table(args, bandwidth, l2, rows, final=True)
 

@@ -148,7 +148,8 @@ def test_full_precision_tier_matches_reference(path):
 PACKED_CASES = [(g, z, "dot-bm16") for g, z in [(32, "asym"), (16, "sym"), (-1, "asym"), (128, "asym"), (128, "sym"),
                                                  (32, "hqq")]] + \
                [(g, z, "gemv-bm2-multiblock") for g, z in [(32, "asym"), (16, "sym"), (-1, "asym"), (32, "hqq"),
-                                                            (24, "asym")]]
+                                                            (24, "asym")]] + \
+               [(g, z, "gemv-bm1") for g, z in [(32, "asym"), (16, "sym"), (-1, "asym"), (32, "hqq"), (24, "asym")]]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -233,6 +234,43 @@ def test_gemv_scale_groups_finer_than_a_byte_row_subtile(bits, group_size, path)
     got, x, index, weights = _run(torch.full((E,), bits), {bits: (q_gu, q_dn)}, gate_up, down, T=T, k=k)
     want = _reference(x, index, weights, dequantize(q_gu, DTYPE).float(), dequantize(q_dn, DTYPE).float())
     assert _relative(got, want) < TOL
+
+
+class _LaunchCounter:
+    """Stands in for a Triton kernel: counts its launches and runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("bits,group_size,kernel", [(16, -1, "_grouped_expert_gemv_row_kernel"),
+                                                    (8, 16, "_grouped_expert_kernel"),
+                                                    (4, 32, "_grouped_expert_gemv_kernel"),
+                                                    (2, 6, "_grouped_expert_gemv_kernel")])
+def test_one_row_blocks_take_the_kernel_measured_fastest(bits, group_size, kernel, monkeypatch):
+    """Batch 1 (blocks of one row): 16-bit experts the 2-D kernel, 8-bit tl.dot, int4/int2 the general GEMV kernel
+    (kernels.ROW_GEMV, GEMV_BITS); each against the dequantised reference."""
+    counters = {name: _LaunchCounter(getattr(kernels, name))
+                for name in ("_grouped_expert_gemv_row_kernel", "_grouped_expert_gemv_kernel", "_grouped_expert_kernel")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(kernels, name, counter)
+    T, k = 1, 2
+    assert kernels.decode_block_m(T * k, E) == 1
+    if bits == 16:
+        gate_up, down = _weights(3)
+        quantized, ref_gu, ref_dn = {}, gate_up.to(DTYPE).float(), down.to(DTYPE).float()
+    else:
+        gate_up, down, (q_gu, q_dn) = _quantized(bits, group_size, "asym", seed=3)
+        quantized = {bits: (q_gu, q_dn)}
+        ref_gu, ref_dn = dequantize(q_gu, DTYPE).float(), dequantize(q_dn, DTYPE).float()
+    got, x, index, weights = _run(torch.full((E,), bits), quantized, gate_up, down, T=T, k=k)
+    assert _relative(got, _reference(x, index, weights, ref_gu, ref_dn)) < TOL
+    launches = {name: c.launches for name, c in counters.items()}
+    assert launches == {name: 2 if name == kernel else 0 for name in counters}  # gate_up and down
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 2])

@@ -28,6 +28,7 @@ import os
 import time
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from ..engine import Completion, GenerationTiming, _finish, length_sorted_batches
@@ -35,6 +36,7 @@ from ..grid import Routing
 from ..routing import LayerRoutingStats, policy_k, route
 from .attention import decode_attention, qk_norm_rope_store
 from . import gemv as dense
+from . import decode_routing, norm
 from .kernels import align_and_account
 from .moe import FastMoeExperts
 
@@ -67,21 +69,8 @@ def _attention_inputs(x, moe_out, ln, wq, bq, wk, bk, wv, bv, q_norm, k_norm, co
     return x, q, k, v
 
 
-def _qkv_decode(x, moe_out, ln, w_qkv, b_qkv, eps):
-    """Decode step, x [B, H]: the previous layer's expert outputs into the residual, input norm, and q/k/v as one
-    GEMM over the fused weight (fuse_qkv); the per-head norms, rotary and cache write follow in one kernel.
-    w_qkv None: returns the normed input instead, for the Triton GEMV (gemv.dense_gemv) to project."""
-    x = _add_expert_outputs(x, moe_out)
-    h = _rms_norm(x, ln, eps)
-    return x, h if w_qkv is None else F.linear(h, w_qkv, b_qkv)
-
-
-def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
-                 decode, counts_acc, load_acc, mass_acc):
-    """Attention output into the residual, post-attention norm, the policy's routing, its accounting (added in
-    place into counts_acc / load_acc by the alignment launch) and the expert-sorted assignment blocks; with
-    mass_acc also the router probability mass routed to each expert (dynamic precision's hotness input, as
-    dynamic.DynamicPrecision.observe). All on the device; nothing here reads a value back to the host."""
+def _post_attention(x, o, wo, bo, post_ln, router, eps, decode):
+    """Attention output into the residual, post-attention norm and the router logits: (x, h [tokens, H], logits)."""
     H = x.shape[-1]
     # wo None: o is already projected, as float32 split-K partial sums [S, B, H] of gemv.dense_gemv (summed here,
     # where inductor fuses the sum into the residual add, and rounded once as a GEMM's output is)
@@ -91,6 +80,17 @@ def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, 
         logits = (h[:, None, :].float() * router[None].float()).sum(-1).to(h.dtype)
     else:
         logits = F.linear(h, router)
+    return x, h, logits
+
+
+def _route_block(x, o, wo, bo, post_ln, router, valid, beta, hot, eps, routing, top_k, norm, num_experts, block_m,
+                 decode, counts_acc, load_acc, mass_acc):
+    """_post_attention, then the policy's routing, its accounting (added in place into counts_acc / load_acc by
+    the alignment launch) and the expert-sorted assignment blocks; with mass_acc also the router probability mass
+    routed to each expert (dynamic precision's hotness input, as dynamic.DynamicPrecision.observe). All on the
+    device; nothing here reads a value back to the host. Decode steps take decode_routing.decode_route instead
+    where it applies (the same, in one launch)."""
+    x, h, logits = _post_attention(x, o, wo, bo, post_ln, router, eps, decode)
     probs = F.softmax(logits, dim=-1, dtype=torch.float)
     index, weights, keep_policy, keep = route(probs, routing, top_k, norm, valid, beta, sort_topk=True)
     sorted_assign, block_expert, hits = align_and_account(index, num_experts, block_m, valid, keep_policy, hot,
@@ -190,17 +190,18 @@ class FastQwen3MoeEngine:
         # default; with a bias the projections stay on cuBLAS, which adds it in its epilogue)
         self._dense_gemv = not getattr(cfg, "attention_bias", False) and (
             self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        # the capacity factor as a float64 scalar on the device: decode_route computes the capacity as route() does
+        self._capacity_factor = None if routing.capacity_factor is None else torch.tensor(
+            routing.capacity_factor, dtype=torch.float64, device=self.device)
         self._o_split = dense.split_for(cfg.hidden_size, self._heads * self._head_dim, dense.O_PROJ_TILES)
         self._compiled = None
         if compile:
-            import torch._dynamo
-
             # One compiled graph per (batch size, policy, first layer or not); past the default limit of 8 dynamo
             # would fall back to eager code without an error, and the clocks would measure that instead.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             torch._dynamo.config.accumulated_cache_size_limit = max(
                 torch._dynamo.config.accumulated_cache_size_limit, 512)
-            self._compiled = (torch.compile(_qkv_decode, dynamic=False), torch.compile(_route_block, dynamic=False))
+            self._compiled = tuple(torch.compile(f, dynamic=False) for f in (_route_block, _post_attention))
         self.eos = None
         self.context = None
         self._graphs: dict[int, tuple] = {}
@@ -229,34 +230,46 @@ class FastQwen3MoeEngine:
         """One new token per row, x [B, H]: per layer the fused q/k/v GEMM, one kernel for the q/k norms, rotary
         and cache write, the decode attention kernels, then routing and the grouped expert kernels. Written for
         the captured step: few launches per layer, no host synchronisation."""
-        qkv_decode, route_block = self._compiled or (_qkv_decode, _route_block)
+        route_block, post_attention = self._compiled or (_route_block, _post_attention)
         k_cache, v_cache = self._cache
         B = x.shape[0]
         q = torch.empty(B, self._heads, self._head_dim, dtype=x.dtype, device=x.device)
         o = torch.empty_like(q)
         # batch 1: the attention projections as Triton GEMVs (gemv.py), which read the weights faster than cuBLAS
-        # does at this size; the o-projection split over its input columns, its partial sums added in route_block
+        # does at this size; the o-projection split over its input columns, its partial sums added by the next norm
         gemv = self._dense_gemv and B <= dense.ENGINE_MAX_ROWS
+        # routing, alignment and accounting in one launch (decode_routing.py) where one program's tiles hold them;
+        # for a few rows also the residual, post-attention norm and router logits in one launch before it (norm.py)
+        fused_routing = decode_routing.supports(self.routing, B, self.top_k, self.num_experts, x.device)
+        norm_logits = fused_routing and B <= norm.MAX_LOGIT_ROWS
         moe_out = None
         for i, l in enumerate(self.layers):
             p = self._params[i]
             ln, w_qkv, b_qkv = p["qkv"]
             wo, bo, post_ln, router = p["route"]
-            if gemv:
-                x, h = qkv_decode(x, moe_out, ln, None, None, self._eps)
-                qkv = dense.dense_gemv(h, w_qkv, tiles=dense.QKV_TILES)
-            else:
-                x, qkv = qkv_decode(x, moe_out, ln, w_qkv, b_qkv, self._eps)
+            # the previous layer's expert outputs into the residual, and the input norm: one launch
+            x, h = norm.residual_rms_norm(x, moe_out, self._k, ln, self._eps)
+            qkv = dense.dense_gemv(h, w_qkv, tiles=dense.QKV_TILES) if gemv else F.linear(h, w_qkv, b_qkv)
             qk_norm_rope_store(qkv, *p["qk_norm"], cos, sin, self._eps, k_cache[i, :B], v_cache[i, :B], slot, q)
             decode_attention(q, k_cache[i, :B], v_cache[i, :B], keys, self._scaling, o)
             if gemv:
                 attn = (dense.dense_gemv(o.view(B, -1), wo, self._o_split, dense.O_PROJ_TILES), None, None)
             else:
                 attn = (o.view(B, -1), wo, bo)
-            x, h, weights, sorted_assign, block_expert, hits = route_block(
-                x, *attn, post_ln, router, valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k,
-                self.norm, self.num_experts, self.experts[l.index].block_m(B * self._k), True,
-                *self._layer_accumulators(i))
+            block_m = self.experts[l.index].block_m(B * self._k)
+            if fused_routing:
+                if norm_logits:  # the o-projection's output (or its split-K partial sums) as the norm's addend
+                    add = attn[0] if attn[1] is None else F.linear(*attn)
+                    x, h, logits = norm.residual_rms_norm(x, add, 1, post_ln, self._eps, router)
+                else:
+                    x, h, logits = post_attention(x, *attn, post_ln, router, self._eps, True)
+                weights, sorted_assign, block_expert, hits = decode_routing.decode_route(
+                    logits, self.routing, self.top_k, self.norm, valid, p["beta"], self._capacity_factor, p["hot"],
+                    block_m, *self._layer_accumulators(i))
+            else:
+                x, h, weights, sorted_assign, block_expert, hits = route_block(
+                    x, *attn, post_ln, router, valid, p["beta"], p["hot"], self._eps, self.routing, self.top_k,
+                    self.norm, self.num_experts, block_m, True, *self._layer_accumulators(i))
             moe_out = self.experts[l.index].run(h, weights, sorted_assign, block_expert, hits)
         return x, moe_out
 

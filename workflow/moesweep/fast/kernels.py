@@ -295,6 +295,55 @@ def _grouped_expert_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, sl
 
 
 @triton.jit
+def _grouped_expert_gemv_row_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr,
+                                    num_assign, x_row_div, N, K, num_experts, sx, so, sw0, sw1,
+                                    GATE_UP: tl.constexpr, ROUTED_WEIGHT: tl.constexpr, BN: tl.constexpr,
+                                    GK: tl.constexpr, UNROLL: tl.constexpr, EVEN_K: tl.constexpr):
+    """16-bit experts in blocks of one row (batch 1: one assignment per hit expert), as _grouped_expert_gemv_kernel
+    with BM = 1 but 2-D: [BN, GK] weight tiles times the activations [GK] broadcast along the rows, float32
+    products accumulated elementwise and summed over K after the loop. On the H200 it reads a layer's bf16 experts
+    in 23.9 µs where the tl.dot kernel over a 16-row tile took 27.0 (results/profile_decode_step_h200.md). Packed
+    widths stay on the general kernel: a 2-D variant that loads each code position's activations as a strided
+    vector measured slower there (int4 48 vs 31 µs per layer, results/expert_kernels_h200.md)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
+    assign = tl.load(assign_ptr + pid_m)
+    if (slot < 0) | (assign >= num_assign):
+        return
+    x_row = x_ptr + (assign // x_row_div).to(tl.int64) * sx
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)[:, None]  # [BN, 1]; rows past N are never stored
+    w_base = w_ptr + slot.to(tl.int64) * sw0 + rows * sw1
+    up_base = w_base + N * sw1  # gate_up_proj stacks the gate rows [0, N) over the up rows [N, 2N)
+    kk = tl.arange(0, GK)[None, :]
+    acc = tl.zeros((BN, GK), dtype=tl.float32)
+    acc_up = tl.zeros((BN, GK), dtype=tl.float32)
+    for k0 in range(0, K, GK * UNROLL):
+        for u in tl.static_range(UNROLL):
+            kt = k0 + u * GK
+            if EVEN_K:
+                a = tl.load(x_row + kt + kk).to(tl.float32)
+                w = tl.load(w_base + kt + kk)
+                if GATE_UP:
+                    w_up = tl.load(up_base + kt + kk)
+            else:
+                a = tl.load(x_row + kt + kk, mask=kt + kk < K, other=0.0).to(tl.float32)
+                w = tl.load(w_base + kt + kk, mask=kt + kk < K, other=0.0)
+                if GATE_UP:
+                    w_up = tl.load(up_base + kt + kk, mask=kt + kk < K, other=0.0)
+            acc += w.to(tl.float32) * a
+            if GATE_UP:
+                acc_up += w_up.to(tl.float32) * a
+    cols = pid_n * BN + tl.arange(0, BN)
+    acc = tl.sum(acc, axis=1)
+    if GATE_UP:
+        acc = acc / (1.0 + tl.exp(-acc)) * tl.sum(acc_up, axis=1)  # silu(gate) * up
+    if ROUTED_WEIGHT:
+        acc = acc * tl.load(routed_weight_ptr + assign)
+    tl.store(out_ptr + assign.to(tl.int64) * so + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
 def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capacity, max_blocks,
                   valid_ptr, keep_policy_ptr, hot_ptr, hits_ptr, counts_acc_ptr, load_acc_ptr, T,
                   BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, T_P2: tl.constexpr,
@@ -448,6 +497,11 @@ DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV ker
 # fewer rows): on the H200 it was faster for them at decode (bf16 33.7 vs 40.2 µs, int8 35.7 vs 45.5 µs per layer at
 # batch 1; benchmarks/results/expert_kernels_h200.md), while int4/int2 dequantise 2x / 1.4x faster without it.
 GEMV_BITS = (4, 2)
+# 16-bit tiers in one-row blocks (batch 1) take the 2-D kernel _grouped_expert_gemv_row_kernel, with ROW_GEMV_TILES
+# (BN 16, BK 512 bytes, 4 warps: 27.7 µs per layer in the sweep against tl.dot's 28.9, within 3 % of the best tiles
+# tried; 23.9 vs 27.0 µs in the engine's step: results/expert_kernels_h200.md, profile_decode_step_h200.md).
+ROW_GEMV = True
+ROW_GEMV_TILES = {"BN": 16, "BK": 512, "num_warps": 4}
 # Tiles of the tl.dot kernel for decode-sized blocks (BM < 64): BN output rows per program, BK input columns per
 # loop iteration by width (at most one scale group), num_warps, num_stages. benchmarks/expert_kernels.py sweeps them
 # ("dot:BN,BK16,warps,stages"); prefill blocks (BM 64) keep BN 32 and the width's BK.
@@ -483,19 +537,28 @@ def tile_sizes(bits: int, num_assign: int, num_experts: int) -> tuple[int, int, 
     BM >= 16 (tl.dot kernel): BK at most 128 input columns so a tile lies inside one scale group of the usual sizes
     (128, 64 for 8 bit), and the scale and zero are loaded once per row and tile; at least 16 codes per byte
     position (tl.dot's K); decode-sized blocks (BM < 64) take DOT_DECODE_TILES. BM < 16 (GEMV kernel, widths in
-    GEMV_BITS): gemv_tiles(BM), BK returned in input columns per loop iteration."""
+    GEMV_BITS, or 16-bit one-row blocks): gemv_tiles(BM, bits), BK returned in input columns per loop
+    iteration."""
     bm = decode_block_m(num_assign, num_experts)
     if bm >= 64:
         return bm, 32, {16: 64, 8: 64, 4: 128, 2: 128}[bits]
-    if bm >= DOT_MIN_BLOCK_M or bits not in GEMV_BITS:
+    if bm >= DOT_MIN_BLOCK_M or (bits not in GEMV_BITS and not _row_path(bm, bits)):
         return bm, DOT_DECODE_TILES["BN"], DOT_DECODE_TILES["BK"][bits]
-    tiles = gemv_tiles(bm)
+    tiles = gemv_tiles(bm, bits)
     return bm, tiles["BN"], tiles["BK"] * 8 // bits
 
 
-def gemv_tiles(bm: int) -> dict:
-    """The GEMV kernel's tiles for blocks of bm rows (GEMV_TILES_ONE_ROW at batch 1, else GEMV_TILES)."""
-    return GEMV_TILES_ONE_ROW if bm == 1 else GEMV_TILES
+def gemv_tiles(bm: int, bits: int) -> dict:
+    """The GEMV kernels' tiles for blocks of bm rows at this width: ROW_GEMV_TILES for the 2-D kernel (one row,
+    16 bit), GEMV_TILES_ONE_ROW for the general kernel at one row, else GEMV_TILES."""
+    if bm == 1:
+        return ROW_GEMV_TILES if _row_path(bm, bits) else GEMV_TILES_ONE_ROW
+    return GEMV_TILES
+
+
+def _row_path(bm: int, bits: int) -> bool:
+    """Whether blocks of bm rows at this width take the 2-D one-row kernel."""
+    return ROW_GEMV and bm == 1 and bits == 16
 
 
 def _gemv_tiling(tier: ExpertTier, bm: int, bn: int, bk: int, num_warps: int,
@@ -548,9 +611,17 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     scales = tier.scales if tier.scales is not None else w
     zeros = tier.zeros if tier.zeros is not None else w
     grid = (block_expert.shape[0], triton.cdiv(n_out, bn))
-    if bm < DOT_MIN_BLOCK_M and tier.bits in GEMV_BITS:
-        num_warps = gemv_tiles(bm)["num_warps"]
+    row = _row_path(bm, tier.bits)
+    if bm < DOT_MIN_BLOCK_M and (tier.bits in GEMV_BITS or row):
+        num_warps = gemv_tiles(bm, tier.bits)["num_warps"]
         gk, unroll, group_const, even_k = _gemv_tiling(tier, bm, bn, bk, num_warps, gate_up)
+        if row:
+            _grouped_expert_gemv_row_kernel[grid](
+                x, out, sorted_assign, block_expert, slot_of_expert, routed_weight if routed_weight is not None else x,
+                w, out.shape[0], x_row_div, n_out, tier.in_features, slot_of_expert.shape[0], x.stride(0),
+                out.stride(0), w.stride(0), w.stride(1), GATE_UP=gate_up, ROUTED_WEIGHT=routed_weight is not None,
+                BN=bn, GK=gk, UNROLL=unroll, EVEN_K=even_k, num_warps=num_warps)
+            return
         _grouped_expert_gemv_kernel[grid](
             x, out, sorted_assign, block_expert, slot_of_expert, routed_weight if routed_weight is not None else x,
             w, scales, zeros, out.shape[0], x_row_div, n_out, tier.in_features, slot_of_expert.shape[0],
