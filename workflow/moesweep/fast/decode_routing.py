@@ -51,6 +51,17 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     j = tl.arange(0, K_P2)
     live_t = t < T
     live_e = e < num_experts
+    # every input first, so their latencies overlap (loads after the stores below would wait for them in order)
+    valid = tl.load(valid_ptr + t, mask=live_t, other=0) != 0
+    ci = tl.arange(0, 16)  # counter index, LayerRoutingStats.COUNTERS
+    counts_before = tl.load(counts_acc_ptr + ci, mask=ci < 9, other=0)
+    load_before = tl.load(load_acc_ptr + e, mask=live_e, other=0)
+    if HOT:
+        hot = tl.load(hot_ptr + e, mask=live_e, other=0).to(tl.int32)
+    else:
+        hot = tl.zeros((E_P2,), dtype=tl.int32)
+    if MASS:
+        mass_before = tl.load(mass_acc_ptr + e, mask=live_e, other=0.0)
     # softmax over the experts (float32, as F.softmax(dtype=float)); padding rows and columns get probability 0
     x = tl.load(logits_ptr + t[:, None] * s_logits + e[None, :], mask=live_t[:, None] & live_e[None, :],
                 other=float("-inf")).to(tl.float32)
@@ -71,7 +82,6 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
         left = tl.where(e[None, :] == pick[:, None], -1.0, left)
 
     real = live_t[:, None] & (j[None, :] < K)  # [T_P2, K_P2] slots that are assignments at all
-    valid = tl.load(valid_ptr + t, mask=live_t, other=0) != 0
     keep = real & valid[:, None]
     if MODE == 1:  # skip: choice j >= 1 while its probability >= beta x the first's
         first = tl.sum(tl.where(j[None, :] == 0, prob, 0.0), 1)
@@ -128,23 +138,17 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     tokens = tl.sum(valid.to(tl.int32), 0)
     routed = tl.sum(tl.sum(keep_policy.to(tl.int32), 1), 0)
     kept = tl.sum(counts, 0)
-    if HOT:
-        hot = tl.load(hot_ptr + e, mask=live_e, other=0).to(tl.int32)
-    else:
-        hot = tl.zeros((E_P2,), dtype=tl.int32)
     hit = (counts > 0).to(tl.int32)
-    c = tl.arange(0, 16)
-    values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
-        tl.where(c == 3, tl.sum(counts * hot, 0), 0) + tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + \
-        tl.where(c == 6, kept, 0) + tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
-    acc = tl.load(counts_acc_ptr + c, mask=c < 9, other=0)
-    tl.store(counts_acc_ptr + c, acc + values.to(tl.int64), mask=c < 9)
+    values = tl.where(ci == 0, tokens, 0) + tl.where(ci == 1, routed, 0) + tl.where(ci == 2, routed - kept, 0) + \
+        tl.where(ci == 3, tl.sum(counts * hot, 0), 0) + tl.where(ci == 4, 1, 0) + tl.where(ci == 5, tokens, 0) + \
+        tl.where(ci == 6, kept, 0) + tl.where(ci == 7, tl.sum(hit, 0), 0) + tl.where(ci == 8, tl.sum(hit * hot, 0), 0)
+    tl.store(counts_acc_ptr + ci, counts_before + values.to(tl.int64), mask=ci < 9)
     tl.store(hits_ptr + e, counts.to(tl.int64), mask=live_e)
-    tl.store(load_acc_ptr + e, tl.load(load_acc_ptr + e, mask=live_e, other=0) + counts.to(tl.int64), mask=live_e)
+    tl.store(load_acc_ptr + e, load_before + counts.to(tl.int64), mask=live_e)
     if MASS:  # router probability routed to each expert (dynamic precision's hotness input), float64
         routed_prob = tl.where(keep, prob, 0.0).reshape(N).to(tl.float64)
         mass = tl.sum(tl.where(onehot != 0, routed_prob[:, None], 0.0), 0)
-        tl.store(mass_acc_ptr + e, tl.load(mass_acc_ptr + e, mask=live_e, other=0.0) + mass, mask=live_e)
+        tl.store(mass_acc_ptr + e, mass_before + mass, mask=live_e)
 
 
 def _warps(tile: int) -> int:
