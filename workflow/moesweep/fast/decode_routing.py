@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..grid import Routing
 from ..routing import policy_k
-from .kernels import _aligned_sizes
+from .kernels import aligned_blocks, aligned_sizes
 
 _MODES = {"native": 0, "topk": 0, "skip": 1, "top_p": 2}
 # One program holds [tokens, k', experts] one-hot tiles (and, for score priority, [assignments, assignments]
@@ -118,21 +118,8 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     n = T * K
     assign = (t[:, None] * K + j[None, :]).reshape(N)
     expert = tl.where(keep, chosen, num_experts).reshape(N)
-    onehot = ((expert[:, None] == e[None, :]) & live_e[None, :]).to(tl.int32)  # sentinel: no column
-    counts = tl.sum(onehot, 0)
-    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, 0)
-    dest = tl.sum(onehot * (end - padded)[None, :], 1) + rank
-    for c0 in range(0, capacity, FILL):  # padding rows point past the assignments
-        c = c0 + tl.arange(0, FILL)
-        tl.store(sorted_ptr + c, tl.zeros((FILL,), dtype=tl.int32) + n, mask=c < capacity)
-    tl.debug_barrier()  # the fill must land before the scatter (same addresses, other threads)
-    tl.store(sorted_ptr + dest, assign, mask=expert < num_experts)
-    for b0 in range(0, max_blocks, BLOCKS):
-        b = b0 + tl.arange(0, BLOCKS)
-        ended = (end[None, :] <= (b * BLOCK_M)[:, None]) & live_e[None, :]
-        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < max_blocks)
+    onehot, counts = aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_ptr,
+                                    block_expert_ptr, E_P2, BLOCK_M, FILL, BLOCKS)
 
     # routing_increments (decode), in LayerRoutingStats.COUNTERS order
     tokens = tl.sum(valid.to(tl.int32), 0)
@@ -186,7 +173,7 @@ def decode_route(logits: torch.Tensor, policy: Routing, native_k: int, native_no
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     device = logits.device
-    max_blocks, rows = _aligned_sizes(T * k, E, block_m)
+    max_blocks, rows = aligned_sizes(T * k, E, block_m)
     weights = torch.empty(T, k, dtype=torch.float32, device=device)
     sorted_assign = torch.empty(rows, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)

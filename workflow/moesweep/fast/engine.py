@@ -8,12 +8,12 @@ has no host synchronisation) and FastMoeExperts.
 
 A decode step is one CUDA graph of few launches per layer, because at batch 1 the weights of a layer take ~40 µs
 to read and every launch costs a few µs (benchmarks/results/profile_decode_step_h200.md counted 45 per layer
-before this layout): the residual + norm (compiled) and one q/k/v GEMV over fused weights (fuse_qkv; fast/gemv.py
-at batch 1, else cuBLAS), one kernel for the q/k norms, rotary and the cache write, a split-K decode attention and
-its combine (fast/attention.py), the o-projection GEMV, then residual + norm + router + policy + accounting
-(compiled; top-k by a sort inductor can fuse), the expert
-alignment (one launch) and the grouped expert kernels (fast/kernels.py). Prefill runs eagerly with transformers'
-attention composition over SDPA.
+before this layout; 11 at batch 1 now): residual + norm (fast/norm.py) and one q/k/v GEMV over fused weights
+(fuse_qkv; fast/gemv.py at batch 1, else cuBLAS), one kernel for the q/k norms, rotary and the cache write, a
+split-K decode attention and its combine (fast/attention.py), the o-projection GEMV, residual + norm + router
+logits (fast/norm.py up to 4 rows, else compiled), then the policy's routing with its accounting and the expert
+alignment (fast/decode_routing.py: one launch) and the grouped expert kernels (fast/kernels.py). Prefill runs
+eagerly with transformers' attention composition over SDPA, and routes through routing.route.
 
 Batch semantics equal the reference engine's (engine.py): left padding, prompts sorted by length, greedy, and
 tokens of padding or finished sequences are not tokens of the batch (they are routed nowhere, use no capacity

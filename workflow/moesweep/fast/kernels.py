@@ -344,6 +344,32 @@ def _grouped_expert_gemv_row_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr
 
 
 @triton.jit
+def aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_ptr, block_expert_ptr,
+                   E_P2: tl.constexpr, BLOCK_M: tl.constexpr, FILL: tl.constexpr, BLOCKS: tl.constexpr):
+    """align_assignments' outputs written by one program: expert [N] of each assignment (num_experts: dropped or no
+    assignment), assign [N] the flat index stored for it; padding rows get n. Returns (onehot [N, E_P2] int32, counts
+    [E_P2]) for the caller's accounting. Every assignment's rank within its expert comes from a cumulative sum over
+    the one-hot tile (stable: earlier assignments of the same expert first)."""
+    e = tl.arange(0, E_P2)
+    onehot = ((expert[:, None] == e[None, :]) & (e[None, :] < num_experts)).to(tl.int32)  # sentinel: no column
+    counts = tl.sum(onehot, 0)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    dest = tl.sum(onehot * (end - padded)[None, :], 1) + rank
+    for c0 in range(0, capacity, FILL):  # padding rows point past the assignments
+        c = c0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + c, tl.zeros((FILL,), dtype=tl.int32) + n, mask=c < capacity)
+    tl.debug_barrier()  # the fill above must land before the scatter below (same addresses, other threads)
+    tl.store(sorted_ptr + dest, assign, mask=expert < num_experts)
+    for b0 in range(0, max_blocks, BLOCKS):  # a block's expert: how many experts' runs end at or before its start
+        b = b0 + tl.arange(0, BLOCKS)
+        ended = (end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
+        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < max_blocks)
+    return onehot, counts
+
+
+@triton.jit
 def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capacity, max_blocks,
                   valid_ptr, keep_policy_ptr, hot_ptr, hits_ptr, counts_acc_ptr, load_acc_ptr, T,
                   BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, T_P2: tl.constexpr,
@@ -357,21 +383,8 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
     i = tl.arange(0, N_P2)
     e = tl.arange(0, E_P2)
     expert = tl.load(index_ptr + i, mask=i < n, other=num_experts).to(tl.int32)
-    onehot = ((expert[:, None] == e[None, :]) & (e[None, :] < num_experts)).to(tl.int32)  # sentinel: no column
-    counts = tl.sum(onehot, 0)
-    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier assignments of the same expert (stable order)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, 0)
-    dest = tl.sum(onehot * (end - padded)[None, :], 1) + rank
-    for c0 in range(0, capacity, FILL):  # padding rows point past the assignments
-        c = c0 + tl.arange(0, FILL)
-        tl.store(sorted_ptr + c, tl.zeros((FILL,), dtype=tl.int32) + n, mask=c < capacity)
-    tl.debug_barrier()  # the fill above must land before the scatter below (same addresses, other threads)
-    tl.store(sorted_ptr + dest, i, mask=(expert < num_experts) & (i < n))
-    for b0 in range(0, max_blocks, BLOCKS):  # a block's expert: how many experts' runs end at or before its start
-        b = b0 + tl.arange(0, BLOCKS)
-        ended = (end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
-        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < max_blocks)
+    _, counts = aligned_blocks(expert, i, n, num_experts, capacity, max_blocks, sorted_ptr, block_expert_ptr,
+                               E_P2, BLOCK_M, FILL, BLOCKS)
     if ACCOUNT:  # routing_increments, in LayerRoutingStats.COUNTERS order
         t = tl.arange(0, T_P2)
         tokens = tl.sum(tl.load(valid_ptr + t, mask=t < T, other=0).to(tl.int32), 0)
@@ -419,7 +432,7 @@ def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy,
     return sorted_assign, block_expert, hits
 
 
-def _aligned_sizes(n: int, num_experts: int, block_m: int) -> tuple[int, int]:
+def aligned_sizes(n: int, num_experts: int, block_m: int) -> tuple[int, int]:
     """(blocks, rows) of the aligned layout, fixed by the call's shape: every expert may need a partial block."""
     max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
     return max_blocks, max_blocks * block_m
@@ -434,7 +447,7 @@ def _one_launch(index, num_experts: int) -> bool:
 def _align_launch(index, num_experts: int, block_m: int, account=None):
     flat = index.reshape(-1)
     n = flat.shape[0]
-    max_blocks, capacity = _aligned_sizes(n, num_experts, block_m)
+    max_blocks, capacity = aligned_sizes(n, num_experts, block_m)
     sorted_assign = torch.empty(capacity, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
     # without accounting the kernel never touches these pointers (ACCOUNT is off): any tensor will do
@@ -464,7 +477,7 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
     flat = index.reshape(-1)
     n = flat.shape[0]
     device = flat.device
-    max_blocks, capacity = _aligned_sizes(n, num_experts, block_m)
+    max_blocks, capacity = aligned_sizes(n, num_experts, block_m)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     counts[num_experts:].zero_()  # the sentinel expert owns no blocks (fill_, not a host scalar copy: graph-safe)
