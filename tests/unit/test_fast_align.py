@@ -21,7 +21,7 @@ def _index(T, k, E, seed, drop):
 def test_one_launch_alignment_equals_the_torch_ops(monkeypatch, T, k, E, block_m, drop):
     index = _index(T, k, E, seed=T * 31 + k, drop=drop)
     fast = kernels.align_assignments(index, E, block_m)
-    monkeypatch.setattr(kernels, "_ALIGN_TILE_LIMIT", 0)  # force the prompt path
+    monkeypatch.setattr(kernels, "ALIGN_TILE_LIMIT", 0)  # force the prompt path
     slow = kernels.align_assignments(index, E, block_m)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     n = index.numel()
@@ -41,8 +41,8 @@ def test_one_launch_accounting_equals_routing_increments(monkeypatch, decode, wi
     index = torch.where(keep, index, E)
     hot = (torch.rand(E, generator=g) > 0.5).to(DEVICE) if with_hot else None
     results = []
-    for limit in (kernels._ALIGN_TILE_LIMIT, 0):  # one launch, then the torch ops
-        monkeypatch.setattr(kernels, "_ALIGN_TILE_LIMIT", limit)
+    for limit in (kernels.ALIGN_TILE_LIMIT, 0):  # one launch, then the torch ops
+        monkeypatch.setattr(kernels, "ALIGN_TILE_LIMIT", limit)
         counts = torch.arange(9, dtype=torch.int64, device=DEVICE)  # accumulators start non-zero
         load = torch.arange(E, dtype=torch.int64, device=DEVICE)
         out = kernels.align_and_account(index, E, 4, valid, keep_policy, hot, counts, load, decode)

@@ -138,6 +138,12 @@ def policy_k(policy: Routing, native_k: int) -> int:
     return policy.top_k
 
 
+def renormalizes(policy: Routing, native_norm: bool) -> bool:
+    """Whether the kept weights are renormalised to sum to 1: native as the checkpoint's norm_topk_prob says, other
+    policies per `renormalize` (None = as the checkpoint)."""
+    return native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
+
+
 def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool,
           valid: torch.Tensor | None = None, skip_beta: float | None = None, sort_topk: bool = False):
     """Apply a routing policy to router probabilities [T, E] (float32).
@@ -152,7 +158,7 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
     """
     T, E = probs.shape
     k = policy_k(policy, native_k)
-    renorm = native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
+    renorm = renormalizes(policy, native_norm)
 
     if sort_topk:
         weights, index = (t[:, :k] for t in torch.sort(probs, dim=-1, descending=True, stable=True))

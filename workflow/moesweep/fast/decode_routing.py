@@ -29,15 +29,10 @@ import triton
 import triton.language as tl
 
 from ..grid import Routing
-from ..routing import policy_k
-from .kernels import aligned_blocks, aligned_sizes
+from ..routing import policy_k, renormalizes
+from .kernels import ALIGN_TILE_LIMIT, aligned_blocks, aligned_blocks_tiles, aligned_sizes, routing_counters
 
 _MODES = {"native": 0, "topk": 0, "skip": 1, "top_p": 2}
-# One program holds [tokens, k', experts] one-hot tiles (and, for score priority, [assignments, assignments]
-# comparisons): at most this many elements, as kernels._align_kernel.
-_TILE_LIMIT = 64 * 1024
-
-
 @triton.jit
 def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
                          hits_ptr, counts_acc_ptr, load_acc_ptr, mass_acc_ptr, T, num_experts, capacity, max_blocks,
@@ -124,12 +119,7 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     # routing_increments (decode), in LayerRoutingStats.COUNTERS order
     tokens = tl.sum(valid.to(tl.int32), 0)
     routed = tl.sum(tl.sum(keep_policy.to(tl.int32), 1), 0)
-    kept = tl.sum(counts, 0)
-    hit = (counts > 0).to(tl.int32)
-    values = tl.where(ci == 0, tokens, 0) + tl.where(ci == 1, routed, 0) + tl.where(ci == 2, routed - kept, 0) + \
-        tl.where(ci == 3, tl.sum(counts * hot, 0), 0) + tl.where(ci == 4, 1, 0) + tl.where(ci == 5, tokens, 0) + \
-        tl.where(ci == 6, kept, 0) + tl.where(ci == 7, tl.sum(hit, 0), 0) + tl.where(ci == 8, tl.sum(hit * hot, 0), 0)
-    tl.store(counts_acc_ptr + ci, counts_before + values.to(tl.int64), mask=ci < 9)
+    tl.store(counts_acc_ptr + ci, counts_before + routing_counters(ci, tokens, routed, counts, hot, True), mask=ci < 9)
     tl.store(hits_ptr + e, counts.to(tl.int64), mask=live_e)
     tl.store(load_acc_ptr + e, load_before + counts.to(tl.int64), mask=live_e)
     if MASS:  # router probability routed to each expert (dynamic precision's hotness input), float64
@@ -150,7 +140,9 @@ def supports(policy: Routing, tokens: int, native_k: int, num_experts: int, devi
     k = policy_k(policy, native_k)
     t_p2, k_p2, e_p2 = (triton.next_power_of_2(v) for v in (tokens, k, num_experts))
     n = t_p2 * k_p2
-    return on_triton and n * e_p2 <= _TILE_LIMIT and (policy.priority != "score" or n * n <= _TILE_LIMIT)
+    # one program holds [tokens, k', experts] one-hot tiles, and for score priority [assignments, assignments]
+    # comparisons: at most as many elements as kernels._align_kernel's tile
+    return on_triton and n * e_p2 <= ALIGN_TILE_LIMIT and (policy.priority != "score" or n * n <= ALIGN_TILE_LIMIT)
 
 
 def decode_route(logits: torch.Tensor, policy: Routing, native_k: int, native_norm: bool, valid: torch.Tensor,
@@ -169,7 +161,7 @@ def decode_route(logits: torch.Tensor, policy: Routing, native_k: int, native_no
     capped = policy.capacity_factor is not None
     if capped and capacity_factor is None:
         raise ValueError("a capacity-limited policy needs capacity_factor as a float64 tensor")
-    renorm = native_norm if (policy.policy == "native" or policy.renormalize is None) else policy.renormalize
+    renorm = renormalizes(policy, native_norm)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     device = logits.device
@@ -187,6 +179,5 @@ def decode_route(logits: torch.Tensor, policy: Routing, native_k: int, native_no
         T, E, rows, max_blocks, float(policy.top_p or 0.0), logits.stride(0),
         K=k, T_P2=t_p2, K_P2=k_p2, E_P2=e_p2, BLOCK_M=block_m, MODE=mode, RENORM=bool(renorm), CAPACITY=capped,
         SCORE=policy.priority == "score", HOT=hot is not None, MASS=mass_acc is not None,
-        FILL=min(1024, triton.next_power_of_2(rows)), BLOCKS=max(1, min(8192 // e_p2, triton.next_power_of_2(max_blocks))),
-        num_warps=_warps(t_p2 * k_p2 * e_p2))
+        **aligned_blocks_tiles(rows, max_blocks, e_p2), num_warps=_warps(t_p2 * k_p2 * e_p2))
     return weights, sorted_assign, block_expert, hits

@@ -370,6 +370,21 @@ def aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_
 
 
 @triton.jit
+def routing_counters(c, tokens, routed, counts, hot, DECODE: tl.constexpr):
+    """routing.routing_increments' counts as an int64 vector over counter index c (LayerRoutingStats.COUNTERS order,
+    entries past the 9th 0): tokens valid, assignments the policy routed, counts [E_P2] kept per expert, hot [E_P2]
+    0/1 high-precision experts; the decode counters only for decode calls."""
+    kept = tl.sum(counts, 0)
+    values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
+        tl.where(c == 3, tl.sum(counts * hot, 0), 0)
+    if DECODE:
+        hit = (counts > 0).to(tl.int32)
+        values += tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + tl.where(c == 6, kept, 0) + \
+            tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
+    return values.to(tl.int64)
+
+
+@triton.jit
 def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capacity, max_blocks,
                   valid_ptr, keep_policy_ptr, hot_ptr, hits_ptr, counts_acc_ptr, load_acc_ptr, T,
                   BLOCK_M: tl.constexpr, N_P2: tl.constexpr, E_P2: tl.constexpr, T_P2: tl.constexpr,
@@ -389,27 +404,20 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
         t = tl.arange(0, T_P2)
         tokens = tl.sum(tl.load(valid_ptr + t, mask=t < T, other=0).to(tl.int32), 0)
         routed = tl.sum(tl.load(keep_policy_ptr + i, mask=i < n, other=0).to(tl.int32), 0)
-        kept = tl.sum(counts, 0)
         if HOT:
             hot = tl.load(hot_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
         else:
             hot = tl.zeros((E_P2,), dtype=tl.int32)
-        hit = (counts > 0).to(tl.int32)
         c = tl.arange(0, 16)
-        values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
-            tl.where(c == 3, tl.sum(counts * hot, 0), 0)
-        if DECODE:
-            values += tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + tl.where(c == 6, kept, 0) + \
-                tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
         acc = tl.load(counts_acc_ptr + c, mask=c < 9, other=0)
-        tl.store(counts_acc_ptr + c, acc + values.to(tl.int64), mask=c < 9)
+        tl.store(counts_acc_ptr + c, acc + routing_counters(c, tokens, routed, counts, hot, DECODE), mask=c < 9)
         live = e < num_experts
         tl.store(hits_ptr + e, counts.to(tl.int64), mask=live)
         tl.store(load_acc_ptr + e, tl.load(load_acc_ptr + e, mask=live, other=0) + counts.to(tl.int64), mask=live)
 
 
 # one program holds a [assignments, experts] one-hot tile: up to this many elements (decode: 256 x 128)
-_ALIGN_TILE_LIMIT = 64 * 1024
+ALIGN_TILE_LIMIT = 64 * 1024
 
 
 def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy, hot, counts_acc, load_acc,
@@ -432,6 +440,13 @@ def align_and_account(index, num_experts: int, block_m: int, valid, keep_policy,
     return sorted_assign, block_expert, hits
 
 
+def aligned_blocks_tiles(rows: int, max_blocks: int, e_p2: int) -> dict:
+    """aligned_blocks' chunk sizes: padding rows filled FILL at a time, blocks' experts found BLOCKS at a time (a
+    [BLOCKS, E_P2] comparison tile)."""
+    return {"FILL": min(1024, triton.next_power_of_2(rows)),
+            "BLOCKS": max(1, min(8192 // e_p2, triton.next_power_of_2(max_blocks)))}
+
+
 def aligned_sizes(n: int, num_experts: int, block_m: int) -> tuple[int, int]:
     """(blocks, rows) of the aligned layout, fixed by the call's shape: every expert may need a partial block."""
     max_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
@@ -441,7 +456,7 @@ def aligned_sizes(n: int, num_experts: int, block_m: int) -> tuple[int, int]:
 def _one_launch(index, num_experts: int) -> bool:
     """Whether the one-program alignment applies: a decode-sized call, on the GPU or in Triton's interpreter."""
     on_triton = index.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_triton and triton.next_power_of_2(index.numel()) * triton.next_power_of_2(num_experts) <= _ALIGN_TILE_LIMIT
+    return on_triton and triton.next_power_of_2(index.numel()) * triton.next_power_of_2(num_experts) <= ALIGN_TILE_LIMIT
 
 
 def _align_launch(index, num_experts: int, block_m: int, account=None):
@@ -457,9 +472,7 @@ def _align_launch(index, num_experts: int, block_m: int, account=None):
     _align_kernel[(1,)](flat, sorted_assign, block_expert, n, num_experts, capacity, max_blocks,
                         valid, keep_policy, hot if hot is not None else flat, hits, counts_acc, load_acc, T,
                         BLOCK_M=block_m, N_P2=n_p2, E_P2=e_p2, T_P2=triton.next_power_of_2(T),
-                        FILL=min(1024, triton.next_power_of_2(capacity)),
-                        BLOCKS=max(1, min(8192 // e_p2, triton.next_power_of_2(max_blocks))),
-                        ACCOUNT=account is not None, HOT=hot is not None, DECODE=decode,
+                        **aligned_blocks_tiles(capacity, max_blocks, e_p2), ACCOUNT=account is not None, HOT=hot is not None, DECODE=decode,
                         num_warps=8 if n_p2 * e_p2 > 8192 else 4)
     return sorted_assign, block_expert
 
@@ -509,6 +522,7 @@ DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV ker
 # Widths whose small blocks take the GEMV kernel. 16- and 8-bit tiers stay on tl.dot (a 16-row tile over a block of
 # fewer rows): on the H200 it was faster for them at decode (bf16 33.7 vs 40.2 µs, int8 35.7 vs 45.5 µs per layer at
 # batch 1; benchmarks/results/expert_kernels_h200.md), while int4/int2 dequantise 2x / 1.4x faster without it.
+# Except 16-bit blocks of one row, which take the 2-D kernel (ROW_GEMV below).
 GEMV_BITS = (4, 2)
 # 16-bit tiers in one-row blocks (batch 1) take the 2-D kernel _grouped_expert_gemv_row_kernel, with ROW_GEMV_TILES
 # (BN 16, BK 512 bytes, 4 warps: 27.7 µs per layer in the sweep against tl.dot's 28.9, within 3 % of the best tiles
