@@ -44,16 +44,16 @@ def test_micro_sweep_runs_on_every_family(tmp_path, family):
     checkpoint = build_family_checkpoint(family, tmp_path / "model")
     workdir = tmp_path / "run"
     write_config(workdir, family_config(checkpoint, family))
-    snakemake(workdir, "results/summary/cells.parquet", "results/quantization/error.parquet")
+    snakemake(workdir, "results/micro/summary/cells.parquet", "results/micro/quantization/error.parquet")
 
     layers = MOE_LAYERS[family]
-    errors = pd.read_parquet(workdir / "results/quantization/error.parquet")
+    errors = pd.read_parquet(workdir / "results/micro/quantization/error.parquet")
     assert sorted(errors["layer"].unique()) == layers and sorted(errors["bits"].unique()) == [2, 8]
     assert len(errors) == len(layers) * EXPERTS * 2 * 2  # layer × expert × projection × width
-    hotness = pd.read_parquet(workdir / "results/profile/hotness.parquet")
+    hotness = pd.read_parquet(workdir / "results/micro/profile/hotness.parquet")
     assert sorted(hotness["layer"].unique()) == layers and len(hotness) == len(layers) * EXPERTS
 
-    cells = pd.read_parquet(workdir / "results/summary/cells.parquet").set_index("cell")
+    cells = pd.read_parquet(workdir / "results/micro/summary/cells.parquet").set_index("cell")
     assert sorted(cells.index) == sorted(CELLS)
     assert (cells["n"] == LIMIT).all()
     assert cells.loc["native-w16", "drop_rate"] == 0
@@ -63,7 +63,7 @@ def test_micro_sweep_runs_on_every_family(tmp_path, family):
     # hot/cold at 30 % of the 16-bit expert bytes (routed experts only; a shared expert is outside the budget)
     assert cells.loc["native-hot8-cold2-b0.3", "expert_weight_bytes"] <= 0.3 * cells.loc["native-w16", "expert_weight_bytes"]
 
-    routed = pd.read_parquet(workdir / "results/summary/layers.parquet")
+    routed = pd.read_parquet(workdir / "results/micro/summary/layers.parquet")
     assert sorted(routed["layer"].unique()) == layers
-    problems = pd.read_parquet(workdir / "results/summary/problems.parquet")
+    problems = pd.read_parquet(workdir / "results/micro/summary/problems.parquet")
     assert len(problems) == len(CELLS) * LIMIT and (problems["generated_tokens"] > 0).all()

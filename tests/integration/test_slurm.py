@@ -30,6 +30,7 @@ SWEEP_TIMEOUT_S = 210  # ~90 s on an idle 2-core machine; the whole file stays u
 def micro_config(model: Path) -> dict:
     """Three cells (two full-precision, one 2-bit), a handful of short problems: every rule runs once or more."""
     return {
+        "run": "micro",
         "seed": 1,
         "model": {"id": str(model), "name": "tiny-random-qwen3-moe", "dtype": "float32"},
         "dataset": {"source": "synthetic", "split": "test", "limit": 4},
@@ -59,6 +60,7 @@ def workdir(tmp_path, random_checkpoint) -> Path:
 
 def snakemake_cmd(workdir: Path, profile: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            f"--configfile={workdir / 'config' / 'config.yaml'}", "--replace-workflow-config",
             "--profile", str(profile), *args]
 
 
@@ -80,19 +82,37 @@ def render_profile(**env: str) -> dict:
 
 
 def planned_resources(output: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, resources) of every job a dry run prints, group members included."""
-    jobs, rule = [], None
+    """(rule, resources) of every job a dry run prints, group members included; `threads` among the
+    resources when Snakemake prints it (it does for more than one thread)."""
+    jobs, rule, threads = [], None, None
     for line in output.splitlines():
         m = re.match(r"\s*(?:local)?rule (\w+):$", line)
         if m:
-            rule = m.group(1)
+            rule, threads = m.group(1), None
+            continue
+        m = re.match(r"\s*threads: (\d+)$", line)
+        if m and rule:
+            threads = m.group(1)
             continue
         m = re.match(r"\s*resources: (.*)$", line)
         if m and rule:
             res = dict(item.split("=", 1) for item in m.group(1).split(", "))
-            jobs.append((rule, res))
+            jobs.append((rule, {**res, **({"threads": threads} if threads else {})}))
             rule = None
     return jobs
+
+
+def test_gpu_jobs_get_as_many_threads_as_slurm_cpus(workdir):
+    """The workstation profile (profiles/default, merged into every run) must not cap threads: a merged
+    `cores: 2` once gave every cluster job 2 threads while SLURM granted 8 CPUs. A dry run has 1 core unless
+    told, so --cores sets the cap high here; a real SLURM run has none."""
+    assert "cores" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
+    env = dict(os.environ, MOESWEEP_SLURM_GPU_CPUS="6")
+    proc = subprocess.run(snakemake_cmd(workdir, PROFILE, "-n", "--cores", "64"), capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    gpu_jobs = [res for rule, res in planned_resources(proc.stdout + proc.stderr) if rule in GPU_RULES]
+    assert gpu_jobs and all(res["cpus_per_task"] == "6" and res.get("threads") == "6" for res in gpu_jobs), gpu_jobs
 
 
 def test_profile_variants_render():
@@ -135,6 +155,7 @@ def test_dry_run_shows_each_jobs_slurm_resources(workdir):
             assert "gpu" not in res and "gpu_model" not in res, (rule, res)
             assert res["slurm_partition"] == "cpu-test", (rule, res)
     assert "Group job cells" in out and "Group job report" in out
+    assert render_profile()["groups"]["plot_projection"] == "report"  # every small rule in the report group
 
 
 @pytest.mark.parametrize("fused,env,runtime", [(False, {}, 240), (True, {}, 960),
@@ -238,11 +259,11 @@ def test_micro_sweep_runs_through_slurm(workdir, tmp_path_factory):
     assert rc == 0, text[-6000:]
     elapsed = time.monotonic() - started
 
-    cells = pd.read_parquet(workdir / "results/summary/cells.parquet")
+    cells = pd.read_parquet(workdir / "results/micro/summary/cells.parquet")
     assert sorted(cells["cell"]) == sorted(CELLS)
     assert (cells["n"] == 4).all()
     for fig in ("pareto", "hotness", "quant_error"):
-        assert (workdir / f"results/figures/{fig}.png").is_file()
+        assert (workdir / f"results/micro/figures/{fig}.png").is_file()
 
     # Every job went through sbatch: "Job <id> has been submitted with SLURM jobid <n> (log: <file>)."
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", text)

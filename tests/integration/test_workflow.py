@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "resources" / "models" / "tiny-qwen3-moe"
 
 MICRO = {
+    "run": "micro",
     "seed": 1,
     "model": {"id": str(MODEL), "name": "tiny-qwen3-moe", "dtype": "float32"},
     "dataset": {"source": "synthetic", "split": "test", "limit": 12},
@@ -35,8 +36,15 @@ MICRO = {
 }
 
 
+def snakemake_cmd(workdir: Path, cores: int = 2) -> list[str]:
+    """Snakemake on `workdir` with its config/config.yaml as the whole config (--replace-workflow-config: the
+    shipped default is not merged under it); `--configfile=` so that targets after it stay targets."""
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            f"--configfile={workdir / 'config' / 'config.yaml'}", "--replace-workflow-config", "--cores", str(cores)]
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    cmd = [*snakemake_cmd(workdir), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -69,7 +77,7 @@ def micro_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_micro_sweep_writes_the_results_contract(micro_run):
-    cells = pd.read_parquet(micro_run / "results/summary/cells.parquet")
+    cells = pd.read_parquet(micro_run / "results/micro/summary/cells.parquet")
     contract = ["cell", "policy", "top_k", "capacity_factor", "bits_high", "bits_low", "memory_budget", "n",
                 "accuracy_strict", "accuracy_flexible", "accuracy_ci_low", "accuracy_ci_high", "tokens_per_s",
                 "ttft_ms", "tpot_ms", "drop_rate", "expert_weight_bytes", "batch_size", "max_new_tokens", "model",
@@ -85,13 +93,13 @@ def test_micro_sweep_writes_the_results_contract(micro_run):
     assert native["accuracy_strict"] >= 0.5  # the embedded model solves most synthetic problems
     assert native["drop_rate"] == 0 and cells.set_index("cell").loc["top1-cf1-w16", "drop_rate"] > 0
     assert cells.set_index("cell").loc["native-w2", "expert_weight_bytes"] < native["expert_weight_bytes"] / 4
-    problems = pd.read_parquet(micro_run / "results/summary/problems.parquet")
+    problems = pd.read_parquet(micro_run / "results/micro/summary/problems.parquet")
     assert len(problems) == 5 * 12
     for col in ("problem_id", "gold", "prediction_strict", "prediction_flexible", "correct_strict", "completion"):
         assert col in problems.columns
     for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
-        assert (micro_run / f"results/figures/{fig}.png").stat().st_size > 10_000
-    errors = pd.read_parquet(micro_run / "results/quantization/error.parquet")
+        assert (micro_run / f"results/micro/figures/{fig}.png").stat().st_size > 10_000
+    errors = pd.read_parquet(micro_run / "results/micro/quantization/error.parquet")
     med = errors.groupby("bits")["relative_error"].median()
     assert med[2] > med[8]
 
@@ -170,14 +178,70 @@ def test_bad_data_records_fail_in_the_first_stage_before_the_model_loads(tmp_pat
     write_config(tmp_path, cfg)
     proc = snakemake(tmp_path, "--until", "calibrate", check=False)
     assert proc.returncode != 0
-    log = (tmp_path / "logs" / "calibrate.log").read_text()
+    log = (tmp_path / "logs" / "micro" / "calibrate.log").read_text()
     assert "####" in log and "Loading weights" not in log
     assert not list((tmp_path / "results").rglob("*.safetensors"))
 
 
+# Evaluation-only settings: each must replan the cells and what aggregates them, never the expensive stages.
+EVALUATION_ONLY = [
+    ("dataset.limit", 13),
+    ("model.name", "relabelled"),
+    ("prompt.max_new_tokens", 97),
+    ("prompt.preset", "lmeval_gsm8k"),
+    ("prompt.chat_template", True),
+    ("evaluate.batch_size", 5),
+    ("evaluate.repeats", 2),
+    ("evaluate.threads", 2),
+    ("evaluate.engine", "reference"),
+    ("evaluate.device", "auto"),
+]
+STAGE_RULES = {"calibrate", "quantize", "profile", "quantization_report", "plot_hotness"}
+
+
+@pytest.fixture(scope="module")
+def micro_copy(micro_run, tmp_path_factory):
+    """The finished micro run, copied with Snakemake's metadata (its record of each output's params)."""
+    copy = tmp_path_factory.mktemp("copy") / "run"
+    shutil.copytree(micro_run, copy, symlinks=True)
+    return copy
+
+
+@pytest.mark.slow
+def test_finished_run_plans_nothing(micro_copy):
+    assert planned_jobs(micro_copy) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,value", EVALUATION_ONLY, ids=[p for p, _ in EVALUATION_ONLY])
+def test_evaluation_only_settings_replan_only_the_cells(micro_copy, path, value):
+    cfg = json.loads(json.dumps(MICRO))
+    section, key = path.split(".")
+    cfg[section][key] = value
+    write_config(micro_copy, cfg)
+    try:
+        jobs = planned_jobs(micro_copy)
+    finally:
+        write_config(micro_copy, MICRO)
+    assert jobs.get("evaluate") == 4 and "aggregate" in jobs, jobs
+    assert not STAGE_RULES & set(jobs), jobs
+
+
+@pytest.mark.slow
+def test_calibration_settings_replan_the_stages(micro_copy):
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["calibration"]["n_samples"] = 15
+    write_config(micro_copy, cfg)
+    try:
+        jobs = planned_jobs(micro_copy)
+    finally:
+        write_config(micro_copy, MICRO)
+    assert {"calibrate", "quantize"} <= set(jobs) and "profile" not in jobs, jobs
+
+
 @pytest.mark.slow
 def test_rerunning_one_cell_runs_only_that_cell(micro_run):
-    assert planned_jobs(micro_run, "results/cells/top1-w16/cell.json", "--force") == {"evaluate": 1}
+    assert planned_jobs(micro_run, "results/micro/cells/top1-w16/cell.json", "--force") == {"evaluate": 1}
 
 
 @pytest.mark.slow
@@ -189,9 +253,9 @@ def test_sigkill_mid_grid_then_rerun_finishes_only_the_rest(micro_run, tmp_path)
     workdir = tmp_path / "killed"
     write_config(workdir, MICRO)
     # One core: one job in flight at the kill, so at most one finished-looking cell can be unrecorded.
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "1"]
+    cmd = snakemake_cmd(workdir, cores=1)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    cells_dir = workdir / "results" / "cells"
+    cells_dir = workdir / "results" / "micro" / "cells"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cells_dir.glob("*/cell.json"))) < 2:
         time.sleep(0.1)
@@ -210,12 +274,12 @@ def test_sigkill_mid_grid_then_rerun_finishes_only_the_rest(micro_run, tmp_path)
     assert all_cells - finished <= ran and len(ran & finished) <= 1
 
     cols = ["cell", "n", "accuracy_strict", "accuracy_flexible", "accuracy_ci_low", "accuracy_ci_high", "drop_rate"]
-    resumed = pd.read_parquet(workdir / "results/summary/cells.parquet")[cols].sort_values("cell", ignore_index=True)
-    straight = pd.read_parquet(micro_run / "results/summary/cells.parquet")[cols].sort_values("cell", ignore_index=True)
+    resumed = pd.read_parquet(workdir / "results/micro/summary/cells.parquet")[cols].sort_values("cell", ignore_index=True)
+    straight = pd.read_parquet(micro_run / "results/micro/summary/cells.parquet")[cols].sort_values("cell", ignore_index=True)
     pd.testing.assert_frame_equal(resumed, straight)
     by = ["cell", "problem_id"]
-    p1 = pd.read_parquet(workdir / "results/summary/problems.parquet").sort_values(by, ignore_index=True)
-    p2 = pd.read_parquet(micro_run / "results/summary/problems.parquet").sort_values(by, ignore_index=True)
+    p1 = pd.read_parquet(workdir / "results/micro/summary/problems.parquet").sort_values(by, ignore_index=True)
+    p2 = pd.read_parquet(micro_run / "results/micro/summary/problems.parquet").sort_values(by, ignore_index=True)
     pd.testing.assert_series_equal(p1["completion"], p2["completion"])
 
 
@@ -223,14 +287,14 @@ def test_sigkill_mid_grid_then_rerun_finishes_only_the_rest(micro_run, tmp_path)
 def test_corrupt_calibration_is_named_and_rebuilt(micro_run, tmp_path):
     workdir = tmp_path / "corrupt"
     shutil.copytree(micro_run, workdir, symlinks=True)
-    hessians = workdir / "results/calibration/hessians.safetensors"
+    hessians = workdir / "results/micro/calibration/hessians.safetensors"
     hessians.write_bytes(hessians.read_bytes()[: hessians.stat().st_size // 2])
     failed = snakemake(workdir, "--forcerun", "quantize", check=False)
     assert failed.returncode != 0
-    log = (workdir / "logs/quantize/gptq-w2.log").read_text()
+    log = (workdir / "logs/micro/quantize/gptq-w2.log").read_text()
     assert "hessians.safetensors: unreadable calibration file" in log and "--forcerun calibrate" in log
     snakemake(workdir, "--forcerun", "calibrate")  # the rebuild the message names
     assert planned_jobs(workdir) == {}
-    rebuilt = pd.read_parquet(workdir / "results/summary/cells.parquet").sort_values("cell", ignore_index=True)
-    original = pd.read_parquet(micro_run / "results/summary/cells.parquet").sort_values("cell", ignore_index=True)
+    rebuilt = pd.read_parquet(workdir / "results/micro/summary/cells.parquet").sort_values("cell", ignore_index=True)
+    original = pd.read_parquet(micro_run / "results/micro/summary/cells.parquet").sort_values("cell", ignore_index=True)
     pd.testing.assert_series_equal(rebuilt["accuracy_strict"], original["accuracy_strict"])

@@ -1,5 +1,6 @@
 """Bad input refused at DAG construction: one clear message naming the value and what is allowed."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,5 +92,75 @@ def test_bad_data_files(random_checkpoint, tmp_path, name, content, message):
         check_config(config(random_checkpoint, dataset={"source": str(path)}), NATIVE)
 
 
-def test_hub_ids_pass_through(random_checkpoint):
-    check_config(config("Qwen/Qwen3-30B-A3B", dataset={"source": "openai/gsm8k"}), NATIVE)
+REPO = Path(__file__).resolve().parents[2]
+HUB_ID = "Qwen/Qwen3-30B-A3B"
+
+
+def write_hub_cache(root: Path, model_id: str = HUB_ID) -> Path:
+    """A Hugging Face hub cache holding only `model_id`'s config.json (Qwen3-30B-A3B's shapes), as
+    `hf download` leaves it: refs/main names a snapshot folder."""
+    repo = root / f"models--{model_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    shapes = json.loads((REPO / "config/models/qwen3-30b-a3b.json").read_text())
+    (snap / "config.json").write_text(json.dumps({k: v for k, v in shapes.items() if not k.startswith("_")}))
+    return root
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = write_hub_cache(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_hub_id_checked_from_the_cache_like_a_local_checkpoint(hub_cache):
+    check_config(config(HUB_ID, dataset={"source": "openai/gsm8k"}), NATIVE)
+    top64 = expand_grid([{"routing": {"policy": "topk", "top_k": 64}, "precision": {"policy": "full"}}])
+    with pytest.raises(ConfigError, match="top_k=64 exceeds the checkpoint's num_experts_per_tok=8; allowed: 1..8"):
+        check_config(config(HUB_ID), top64)
+    tiny_budget = expand_grid([{"routing": {"policy": "native"},
+                                "precision": {"policy": "hotcold", "bits_high": 8, "bits_low": 4,
+                                              "memory_budget": 0.01}}])
+    with pytest.raises(ConfigError, match="below the smallest feasible"):
+        check_config(config(HUB_ID, quantization={"group_size": 128}), tiny_budget)
+
+
+def test_hub_id_without_its_config_is_one_clear_error(hub_cache):
+    with pytest.raises(ConfigError, match=r"model.id 'Qwen/Qwen3-235B-A22B': cannot read its config.json when the "
+                                          r"DAG is built \(HF_HUB_OFFLINE is set.*model.skip_hub_checks: true"):
+        check_config(config("Qwen/Qwen3-235B-A22B"), NATIVE)
+
+
+def test_skip_hub_checks_is_explicit_and_logged(hub_cache, caplog):
+    check_config(config("Qwen/Qwen3-235B-A22B", model={"skip_hub_checks": True}), NATIVE)
+    assert "built without the checkpoint's checks" in caplog.text
+
+
+def test_local_test_file_with_a_sampling_preset_needs_a_fewshot_source(tmp_path, random_checkpoint):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "q?", "answer": "#### 1"}) + "\n")
+    with pytest.raises(ConfigError, match="dataset.fewshot_source is not set"):
+        check_config(config(random_checkpoint, dataset={"source": str(data)}, prompt={"preset": "lmeval_gsm8k"}),
+                     NATIVE)
+    check_config(config(random_checkpoint, dataset={"source": str(data)}, prompt={"preset": "zeroshot"}), NATIVE)
+
+
+@pytest.mark.parametrize("cfg,name", [
+    ({"model": {"id": "Qwen/Qwen3-30B-A3B"}, "dataset": {"source": "openai/gsm8k", "config_name": "main"},
+      "prompt": {"preset": "lmeval_gsm8k"}}, "Qwen3-30B-A3B_gsm8k-main_lmeval_gsm8k"),
+    ({"model": {"id": "resources/models/tiny-qwen3-moe/"}, "dataset": {"source": "synthetic"},
+      "prompt": {"preset": "zeroshot"}}, "tiny-qwen3-moe_synthetic_zeroshot"),
+    ({"model": {"id": "/m/x"}, "dataset": {"source": "/d/gsm8k test.jsonl"}, "prompt": {}}, "x_gsm8k-test_zeroshot"),
+    ({"run": "mine", "model": {"id": "/m/x"}, "dataset": {"source": "synthetic"}, "prompt": {}}, "mine"),
+])
+def test_run_name(cfg, name):
+    from moesweep.checks import run_name
+
+    assert run_name(cfg) == name

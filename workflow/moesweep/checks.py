@@ -3,12 +3,15 @@
 The JSON schema catches wrong keys, types and ranges; these checks catch what needs the checkpoint's
 config.json or the file system: a missing model or tokenizer, an unsupported family, k′ > k, a memory budget
 no precision map can meet, a missing data file. Each raises ConfigError with one message naming the bad
-value and what is allowed. Hub ids are checked when their files are first loaded.
+value and what is allowed. A hub id's config.json is read from the Hugging Face cache (or fetched, a few kB)
+when the DAG is built, so the same checks run for hub ids as for local directories.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -69,13 +72,86 @@ def read_local_model_config(model_id: str) -> dict | None:
     if not cfg_path.is_file():
         raise ConfigError(f"model.id {model_id!r}: no config.json in that directory")
     cfg = json.loads(cfg_path.read_text())
+    check_model_type(cfg, model_id)
+    if not any((root / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.id {model_id!r}: tokenizer missing (expected one of {', '.join(TOKENIZER_FILES)})")
+    return cfg
+
+
+def check_model_type(cfg: dict, model_id: str) -> dict:
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.id {model_id!r}: model_type {cfg.get('model_type')!r} is not a supported MoE family; "
                           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     check_family_config(cfg, f"model.id {model_id!r}")
-    if not any((root / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(f"model.id {model_id!r}: tokenizer missing (expected one of {', '.join(TOKENIZER_FILES)})")
     return cfg
+
+
+def read_hub_model_config(model_id: str, revision: str | None = None) -> dict:
+    """config.json of a hub checkpoint: from the Hugging Face cache (HF_HOME / HF_HUB_CACHE) without network,
+    else downloaded (one small file) unless HF_HUB_OFFLINE is set. ConfigError when neither works."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache  # only for hub ids: parse time stays cheap
+
+    where = f"model.id {model_id!r}" + (f" (revision {revision!r})" if revision else "")
+    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if not isinstance(path, str):
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        else:
+            try:
+                path = hf_hub_download(model_id, "config.json", revision=revision)
+                reason = ""
+            except Exception as err:  # network, auth, missing repo: all mean the checks cannot run
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}: cannot read its config.json when the DAG is built ({reason}); the sweep's "
+                              f"checks need it. Put the checkpoint in the Hugging Face cache first (e.g. `hf download "
+                              f"{model_id}` on a node with network, HF_HOME on shared storage), or use a local "
+                              f"directory, or set model.skip_hub_checks: true to build the DAG unchecked")
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: its cached config.json {path} is unreadable ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: its cached config.json {path} is not a JSON object")
+    return check_model_type(cfg, model_id)
+
+
+def read_model_config(model: dict) -> dict | None:
+    """The checkpoint's config.json for the DAG-time checks, local or hub; None only when the config says
+    model.skip_hub_checks: true and the hub config cannot be had (logged: the checks then run at load time)."""
+    model_id = model["id"]
+    local = read_local_model_config(model_id)
+    if local is not None:
+        return local
+    try:
+        return read_hub_model_config(model_id, model.get("revision"))
+    except ConfigError as err:
+        if not model.get("skip_hub_checks", False):
+            raise
+        logging.getLogger("moesweep").warning("model.skip_hub_checks: the DAG is built without the checkpoint's "
+                                              "checks (%s)", err)
+        return None
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def run_name(config: dict) -> str:
+    """The run folder's name (results/<run>/): `run` from the config, else <model>_<data set>_<prompt preset>,
+    from the model id's last component (not model.name: relabelling must not move the cached stages)."""
+    if config.get("run"):
+        return config["run"]
+    ds = config["dataset"]
+    source = ds["source"]
+    if source == "synthetic":
+        data = "synthetic"
+    elif is_local(source):
+        data = Path(source).stem
+    else:
+        data = f"{source.rsplit('/', 1)[-1]}-{ds.get('config_name', 'main')}"
+    model = Path(config["model"]["id"].rstrip("/")).name
+    return "_".join(_label(x) for x in (model, data, config["prompt"].get("preset", "zeroshot")))
 
 
 def num_experts(cfg: dict) -> int | None:
@@ -183,11 +259,29 @@ def check_calibration_source(calib: dict) -> None:
                               f"set calibration.text_field)")
 
 
+def check_fewshot_source(dataset: dict, prompt: dict) -> None:
+    """A preset that draws exemplars from a train split needs one: a local file is a single split."""
+    from .data.prompts import get_preset  # torch-free
+
+    try:
+        preset = get_preset(prompt.get("preset", "zeroshot"))
+    except ValueError as err:
+        raise ConfigError(f"prompt.preset: {err}") from None
+    if preset.n_shots == 0 or preset.fixed_exemplars is not None:
+        return
+    source = dataset["source"]
+    if is_local(source) and source != "synthetic" and not dataset.get("fewshot_source"):
+        raise ConfigError(f"prompt.preset {preset.name!r} draws {preset.n_shots} exemplars from a train split, but "
+                          f"dataset.source {source!r} is a local file (one split) and dataset.fewshot_source is not "
+                          f"set; set dataset.fewshot_source to a train file (or use a hub id / synthetic)")
+
+
 def check_config(config: dict, cells: list[Cell]) -> None:
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
+    check_fewshot_source(config["dataset"], config.get("prompt", {}))
     check_calibration_source(config.get("calibration", {}))
-    cfg = read_local_model_config(config["model"]["id"])
+    cfg = read_model_config(config["model"])
     if cfg is None:
         return
     native_k = cfg[FAMILIES[cfg["model_type"]]["top_k"]]

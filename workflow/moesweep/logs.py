@@ -19,11 +19,22 @@ def log_to(path: str):
         logging.captureWarnings(True)
         try:
             yield
+            log_peak_cuda_memory()
         except BaseException:
             logging.getLogger("moesweep").exception("stage failed")
             raise
         finally:
             root.removeHandler(handler)
+
+
+def log_peak_cuda_memory() -> None:
+    """One line with the stage's peak GPU memory (PyTorch's allocator: every tensor and Triton buffer of the
+    process), for the stage records of benchmarks/gpu_sweep. Nothing when the stage never touched CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    logging.getLogger("moesweep").info("peak CUDA memory: allocated %d bytes, reserved %d bytes",
+                                       torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
 
 
 def progress(iterable, **kwargs):

@@ -19,15 +19,15 @@ rule aggregate:
     params:
         cost_model=config.get("cost_model"),
     output:
-        cells=report("results/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
-        problems="results/summary/problems.parquet",
-        layers="results/summary/layers.parquet",
-        csv=report("results/summary/cells.csv", caption="../report/cells.rst", category="Tables"),
-        trace="results/summary/trace.parquet",
+        cells=report(f"{OUT}/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
+        problems=f"{OUT}/summary/problems.parquet",
+        layers=f"{OUT}/summary/layers.parquet",
+        csv=report(f"{OUT}/summary/cells.csv", caption="../report/cells.rst", category="Tables"),
+        trace=f"{OUT}/summary/trace.parquet",
     log:
-        "logs/aggregate.log",
+        f"{LOGS}/aggregate.log",
     benchmark:
-        "benchmarks/rules/aggregate.tsv"
+        f"{BENCH}/aggregate.tsv"
     script:
         "../scripts/aggregate.py"
 
@@ -35,18 +35,18 @@ rule aggregate:
 rule plot_trade_off:
     """Figures of the trade-off, drawn from the summary table only."""
     input:
-        cells="results/summary/cells.parquet",
-        layers="results/summary/layers.parquet",
+        cells=f"{OUT}/summary/cells.parquet",
+        layers=f"{OUT}/summary/layers.parquet",
     output:
-        pareto=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
-        capacity=report("results/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
-        budget=report("results/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
-        dynamic=report("results/figures/dynamic_precision.png", caption="../report/dynamic_precision.rst", category="Trade-off"),
-        imbalance=report("results/figures/load_imbalance.png", caption="../report/load_imbalance.rst", category="Routing"),
+        pareto=report(f"{OUT}/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
+        capacity=report(f"{OUT}/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
+        budget=report(f"{OUT}/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
+        dynamic=report(f"{OUT}/figures/dynamic_precision.png", caption="../report/dynamic_precision.rst", category="Trade-off"),
+        imbalance=report(f"{OUT}/figures/load_imbalance.png", caption="../report/load_imbalance.rst", category="Routing"),
     log:
-        "logs/plot_trade_off.log",
+        f"{LOGS}/plot_trade_off.log",
     benchmark:
-        "benchmarks/rules/plot_trade_off.tsv"
+        f"{BENCH}/plot_trade_off.tsv"
     script:
         "../scripts/plot_trade_off.py"
 
@@ -54,12 +54,12 @@ rule plot_trade_off:
 rule plot_projection:
     """Accuracy vs cost-model projected decode tokens/s per hardware profile (cost_model in the config)."""
     input:
-        cells="results/summary/cells.parquet",
+        cells=f"{OUT}/summary/cells.parquet",
     output:
-        report("results/figures/projection.png", caption="../report/projection.rst", category="Trade-off"),
+        report(f"{OUT}/figures/projection.png", caption="../report/projection.rst", category="Trade-off"),
     log:
-        "logs/plot_projection.log",
+        f"{LOGS}/plot_projection.log",
     benchmark:
-        "benchmarks/rules/plot_projection.tsv"
+        f"{BENCH}/plot_projection.tsv"
     script:
         "../scripts/plot_projection.py"

@@ -6,19 +6,20 @@ if not config["quantization"].get("fused", False):
         """Per-expert input Hessians (for GPTQ) and routing statistics from teacher-forced train problems."""
         input:
             model=model_files(),
+            data=data_files(*CALIBRATION_DATA),
         output:
-            hessians="results/calibration/hessians.safetensors",
-            heldout="results/calibration/heldout_hessians.safetensors",
-            stats="results/calibration/routing_stats.json",
+            hessians=f"{OUT}/calibration/hessians.safetensors",
+            heldout=f"{OUT}/calibration/heldout_hessians.safetensors",
+            stats=f"{OUT}/calibration/routing_stats.json",
         params:
-            model=config["model"],
-            dataset=config["dataset"],
+            model=model_settings(),
+            dataset=train_data_settings(),
             calibration=config["calibration"],
             seed=config["seed"],
         log:
-            "logs/calibrate.log",
+            f"{LOGS}/calibrate.log",
         benchmark:
-            "benchmarks/rules/calibrate.tsv"
+            f"{BENCH}/calibrate.tsv"
         threads: config["evaluate"].get("threads", 1)
         resources:
             mem_mb=8000,

@@ -9,18 +9,36 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from moesweep.checks import ConfigError, check_config  # noqa: E402
+from moesweep.checks import ConfigError, check_config, run_name  # noqa: E402
 from moesweep.grid import GridError, expand_grid  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
+
+# `--configfile a.yaml results/x` makes argparse read the target as a second config file (nargs="+"); say so
+# instead of failing on its contents. `--configfile=a.yaml` cannot swallow a target.
+for _path in workflow.configfiles:
+    if Path(_path).suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise WorkflowError(f"invalid config: config file {_path!r} is not a .yaml/.yml/.json file; did --configfile "
+                            f"swallow a target? Write --configfile=PATH, or put the targets before --configfile")
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
     CELLS = expand_grid(config["grid"])
     check_config(config, CELLS)
+    RUN = run_name(config)
 except (GridError, ConfigError) as err:
     raise WorkflowError(f"invalid config: {err}")
+# Every output of this config lives under its run folder, so two configs never overwrite each other's cells.
+OUT = f"results/{RUN}"
+LOGS = f"logs/{RUN}"
+BENCH = f"benchmarks/rules/{RUN}"
 CELL_BY_ID = {c.id: c for c in CELLS}
+# A relative cost_model.target_model is looked up in the working directory, then in this repository, where
+# config/models/ ships the default target: the shipped config then works under --directory too.
+_target = (config.get("cost_model") or {}).get("target_model")
+if _target and not Path(_target).expanduser().is_absolute() and not Path(_target).exists():
+    if (Path(workflow.basedir) / _target).exists():
+        config["cost_model"]["target_model"] = str(Path(workflow.basedir) / _target)
 # Cost model: shipped hardware profiles + the config's extra ones, checked now so a bad profile stops the DAG.
 HARDWARE_FILE = str(SHIPPED_HARDWARE_FILE)
 try:
@@ -40,10 +58,44 @@ wildcard_constraints:
 
 def model_files():
     """The checkpoint's files as inputs (local directories only), so a changed model reruns every stage."""
-    root = Path(config["model"]["id"])
+    root = Path(config["model"]["id"]).expanduser()
     if not root.is_dir():
         return []
     return sorted(str(p) for p in root.iterdir() if p.suffix in (".json", ".safetensors"))
+
+
+def data_files(*keys):
+    """Local data files the stage reads, as inputs: editing one reruns its stages (hub ids and synthetic
+    data have no file). `keys` are (section, key) pairs; calibration and profile fall back to dataset.source."""
+    files = []
+    for section, key in keys:
+        source = (config.get(section) or {}).get(key)
+        if section in ("calibration", "profile") and key == "source" and not source:
+            source = config["dataset"]["source"]
+        if source and source != "synthetic" and Path(source).expanduser().is_file():
+            files.append(str(Path(source).expanduser()))
+    return sorted(set(files))
+
+
+EVALUATE_DATA = (("dataset", "source"), ("dataset", "fewshot_source"))
+CALIBRATION_DATA = (("calibration", "source"),)
+PROFILE_DATA = (("profile", "source"),)
+
+
+# Per-stage cache keys. Snakemake reruns a job when its params change, so each stage's params hold only the
+# config keys that change its output: a label (model.name), the evaluation subset (dataset.limit), the prompt or
+# the evaluate section never replan calibration, quantization or profiling (tests/integration/test_cache_keys.py).
+MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code")
+# What the train-split loaders read of the dataset section (calibration and profile draw from its train split).
+TRAIN_DATA_KEYS = ("source", "config_name", "synthetic", "synthetic_seed")
+
+
+def model_settings():
+    return {k: config["model"][k] for k in MODEL_KEYS if k in config["model"]}
+
+
+def train_data_settings():
+    return {k: config["dataset"][k] for k in TRAIN_DATA_KEYS if k in config["dataset"]}
 
 
 def stage_settings():
@@ -52,39 +104,42 @@ def stage_settings():
 
 
 def quantized_file(bits):
-    return f"results/quantization/{METHOD}-w{bits}.safetensors"
+    return f"{OUT}/quantization/{METHOD}-w{bits}.safetensors"
 
 
 def evaluate_inputs(wildcards):
     cell = CELL_BY_ID[wildcards.cell]
-    inputs = {"model": model_files()}
+    inputs = {"model": model_files(), "data": data_files(*EVALUATE_DATA)}
     for bits in cell.precision.widths:
         inputs[f"w{bits}"] = quantized_file(bits)
     if cell.precision.policy in ("hotcold", "dynamic", "frozen"):
-        inputs["hotness"] = "results/profile/hotness.parquet"
+        inputs["hotness"] = f"{OUT}/profile/hotness.parquet"
     if cell.routing.policy == "skip":
-        inputs["routing_stats"] = "results/calibration/routing_stats.json"
+        inputs["routing_stats"] = f"{OUT}/calibration/routing_stats.json"
     return inputs
 
 
 def cell_outputs(name):
-    return expand(f"results/cells/{{cell}}/{name}", cell=list(CELL_BY_ID))
+    return expand(f"{OUT}/cells/{{cell}}/{name}", cell=list(CELL_BY_ID))
 
 
 def all_outputs():
     return [
-        "results/summary/cells.parquet",
-        "results/summary/problems.parquet",
-        "results/summary/layers.parquet",
-        "results/summary/cells.csv",
-        "results/quantization/error.parquet",
-        "results/figures/pareto.png",
-        "results/figures/capacity_factor.png",
-        "results/figures/precision_budget.png",
-        "results/figures/load_imbalance.png",
-        "results/figures/dynamic_precision.png",
-        "results/summary/trace.parquet",
-        "results/figures/hotness.png",
-        "results/figures/quant_error.png",
-        *(["results/figures/projection.png"] if COST_MODEL else []),
+        f"{OUT}/{path}"
+        for path in (
+            "summary/cells.parquet",
+            "summary/problems.parquet",
+            "summary/layers.parquet",
+            "summary/cells.csv",
+            "quantization/error.parquet",
+            "figures/pareto.png",
+            "figures/capacity_factor.png",
+            "figures/precision_budget.png",
+            "figures/load_imbalance.png",
+            "figures/dynamic_precision.png",
+            "summary/trace.parquet",
+            "figures/hotness.png",
+            "figures/quant_error.png",
+            *(["figures/projection.png"] if COST_MODEL else []),
+        )
     ]

@@ -3,17 +3,17 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        cell="results/cells/{cell}/cell.json",
-        problems="results/cells/{cell}/problems.parquet",
-        layers="results/cells/{cell}/layers.parquet",
-        trace="results/cells/{cell}/trace.parquet",
+        cell=f"{OUT}/cells/{{cell}}/cell.json",
+        problems=f"{OUT}/cells/{{cell}}/problems.parquet",
+        layers=f"{OUT}/cells/{{cell}}/layers.parquet",
+        trace=f"{OUT}/cells/{{cell}}/trace.parquet",
     params:
         cell=lambda wc: CELL_BY_ID[wc.cell].to_dict(),
         settings=stage_settings(),
     log:
-        "logs/evaluate/{cell}.log",
+        f"{LOGS}/evaluate/{{cell}}.log",
     benchmark:
-        "benchmarks/rules/evaluate/{cell}.tsv"
+        f"{BENCH}/evaluate/{{cell}}.tsv"
     threads: config["evaluate"].get("threads", 1)
     resources:
         mem_mb=8000,

@@ -2,17 +2,18 @@ rule profile:
     """Expert hotness (selections and routed probability mass per layer and expert) under native routing."""
     input:
         model=model_files(),
+        data=data_files(*PROFILE_DATA),
     output:
-        "results/profile/hotness.parquet",
+        f"{OUT}/profile/hotness.parquet",
     params:
-        model=config["model"],
-        dataset=config["dataset"],
+        model=model_settings(),
+        dataset=train_data_settings(),
         profile=config["profile"],
         seed=config["seed"],
     log:
-        "logs/profile.log",
+        f"{LOGS}/profile.log",
     benchmark:
-        "benchmarks/rules/profile.tsv"
+        f"{BENCH}/profile.tsv"
     threads: config["evaluate"].get("threads", 1)
     resources:
         mem_mb=8000,
@@ -23,12 +24,12 @@ rule profile:
 
 rule plot_hotness:
     input:
-        "results/profile/hotness.parquet",
+        f"{OUT}/profile/hotness.parquet",
     output:
-        report("results/figures/hotness.png", caption="../report/hotness.rst", category="Expert hotness"),
+        report(f"{OUT}/figures/hotness.png", caption="../report/hotness.rst", category="Expert hotness"),
     log:
-        "logs/plot_hotness.log",
+        f"{LOGS}/plot_hotness.log",
     benchmark:
-        "benchmarks/rules/plot_hotness.tsv"
+        f"{BENCH}/plot_hotness.tsv"
     script:
         "../scripts/plot_hotness.py"

@@ -4,22 +4,23 @@ if config["quantization"].get("fused", False):
         """Calibration and every width in one layer-by-layer pass (quantization.fused): no Hessian files."""
         input:
             model=model_files(),
+            data=data_files(*CALIBRATION_DATA),
         output:
-            weights=expand("results/quantization/{method}-w{bits}.safetensors", method=METHOD, bits=WIDTHS),
-            errors=expand("results/quantization/{method}-w{bits}.error.parquet", method=METHOD, bits=WIDTHS),
-            stats="results/calibration/routing_stats.json",
+            weights=expand(f"{OUT}/quantization/{{method}}-w{{bits}}.safetensors", method=METHOD, bits=WIDTHS),
+            errors=expand(f"{OUT}/quantization/{{method}}-w{{bits}}.error.parquet", method=METHOD, bits=WIDTHS),
+            stats=f"{OUT}/calibration/routing_stats.json",
         params:
-            model=config["model"],
-            dataset=config["dataset"],
+            model=model_settings(),
+            dataset=train_data_settings(),
             calibration=config["calibration"],
             quantization=config["quantization"],
             seed=config["seed"],
             widths=WIDTHS,
             method=METHOD,
         log:
-            "logs/quantize/fused.log",
+            f"{LOGS}/quantize/fused.log",
         benchmark:
-            "benchmarks/rules/quantize/fused.tsv"
+            f"{BENCH}/quantize/fused.tsv"
         threads: config["evaluate"].get("threads", 1)
         resources:
             mem_mb=8000,
@@ -33,18 +34,18 @@ else:
         """All experts at one width with one method, reusing the calibration Hessians; packed safetensors + error table."""
         input:
             model=model_files(),
-            hessians="results/calibration/hessians.safetensors",
-            heldout="results/calibration/heldout_hessians.safetensors",
+            hessians=f"{OUT}/calibration/hessians.safetensors",
+            heldout=f"{OUT}/calibration/heldout_hessians.safetensors",
         output:
-            weights="results/quantization/{method}-w{bits}.safetensors",
-            error="results/quantization/{method}-w{bits}.error.parquet",
+            weights=f"{OUT}/quantization/{{method}}-w{{bits}}.safetensors",
+            error=f"{OUT}/quantization/{{method}}-w{{bits}}.error.parquet",
         params:
-            model=config["model"],
+            model=model_settings(),
             quantization=config["quantization"],
         log:
-            "logs/quantize/{method}-w{bits}.log",
+            f"{LOGS}/quantize/{{method}}-w{{bits}}.log",
         benchmark:
-            "benchmarks/rules/quantize/{method}-w{bits}.tsv"
+            f"{BENCH}/quantize/{{method}}-w{{bits}}.tsv"
         threads: 1
         resources:
             mem_mb=8000,
@@ -56,17 +57,17 @@ else:
 rule quantization_report:
     """Per-expert quantization error of every width in one table, and its heatmap."""
     input:
-        expand("results/quantization/{method}-w{bits}.error.parquet", method=METHOD, bits=WIDTHS),
+        expand(f"{OUT}/quantization/{{method}}-w{{bits}}.error.parquet", method=METHOD, bits=WIDTHS),
     output:
-        table="results/quantization/error.parquet",
+        table=f"{OUT}/quantization/error.parquet",
         figure=report(
-            "results/figures/quant_error.png",
+            f"{OUT}/figures/quant_error.png",
             caption="../report/quant_error.rst",
             category="Quantization",
         ),
     log:
-        "logs/quantization_report.log",
+        f"{LOGS}/quantization_report.log",
     benchmark:
-        "benchmarks/rules/quantization_report.tsv"
+        f"{BENCH}/quantization_report.tsv"
     script:
         "../scripts/quantization_report.py"
