@@ -10,7 +10,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from moesweep.checks import ConfigError, check_config  # noqa: E402
-from moesweep.grid import GridError, expand_grid  # noqa: E402
+from moesweep.grid import GridError, config_hash, expand_grid  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
