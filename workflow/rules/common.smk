@@ -72,7 +72,11 @@ def cell_outputs(name):
 
 
 def all_outputs():
+    # Every cell's outputs are targets of their own: Snakemake reruns a job whose outputs are missing only when
+    # a job that needs it must run, and a present, newer summary does not, so a deleted (or failed and cleaned)
+    # cell folder would otherwise never be recomputed ("Nothing to be done" over a stale summary).
     return [
+        *(f for name in ("cell.json", "problems.parquet", "layers.parquet", "trace.parquet") for f in cell_outputs(name)),
         "results/summary/cells.parquet",
         "results/summary/problems.parquet",
         "results/summary/layers.parquet",
