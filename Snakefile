@@ -4,6 +4,20 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# Config files are data (workflow/moesweep/configfile.py): checked before `configfile:` below loads
+# config/config.yaml, whose YTE template code Snakemake would otherwise run at that load. Files given with
+# --configfile were loaded by Snakemake before this line; they are refused here all the same (see README).
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(workflow.basedir) / "workflow"))
+from moesweep.configfile import ConfigFileError as _ConfigFileError, check_config_files as _check_config_files
+
+try:
+    _check_config_files([*workflow.configfiles, *[f for f in ["config/config.yaml"] if _Path(f).exists()]])
+except _ConfigFileError as _err:
+    raise WorkflowError(f"invalid config: {_err}")
+
 
 configfile: "config/config.yaml"
 
