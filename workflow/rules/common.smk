@@ -9,17 +9,33 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from moesweep.checks import ConfigError, check_config  # noqa: E402
+from moesweep.checks import ConfigError, check_config, check_grid_size, check_values, schema_errors  # noqa: E402
 from moesweep.grid import GridError, config_hash, expand_grid  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
+# Every bad input is refused here, before any job, one line each: values (finite numbers, no `~` paths), then
+# the schema (one line per violation; snakemake's validate, which also fills the schema's defaults, then passes),
+# the grid's size before it is expanded, then the config against the files it names.
+try:
+    check_values(config)
+except ConfigError as err:
+    raise WorkflowError(f"invalid config: {err}")
+_schema_errors = schema_errors(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+if _schema_errors:
+    raise WorkflowError("\n".join(f"invalid config: {line}" for line in _schema_errors))
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
+    check_grid_size(config)
     CELLS = expand_grid(config["grid"])
-    check_config(config, CELLS)
+    check_config(config, CELLS, local_exec=workflow.local_exec)
 except (GridError, ConfigError) as err:
     raise WorkflowError(f"invalid config: {err}")
+if config["model"].get("trust_remote_code"):  # on the terminal at DAG time, not only inside the jobs' logs
+    from snakemake.logging import logger
+
+    logger.warning(f"WARNING: model.trust_remote_code is true: the jobs will run Python code shipped with "
+                   f"{config['model']['id']!r}; set it to false unless you trust that checkpoint's code")
 CELL_BY_ID = {c.id: c for c in CELLS}
 # Cost model: shipped hardware profiles + the config's extra ones, checked now so a bad profile stops the DAG.
 HARDWARE_FILE = str(SHIPPED_HARDWARE_FILE)
