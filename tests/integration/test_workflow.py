@@ -228,7 +228,7 @@ def test_corrupt_calibration_is_named_and_rebuilt(micro_run, tmp_path):
     failed = snakemake(workdir, "--forcerun", "quantize", check=False)
     assert failed.returncode != 0
     log = (workdir / "logs/quantize/gptq-w2.log").read_text()
-    assert "hessians.safetensors: unreadable calibration file" in log and "--forcerun calibrate" in log
+    assert "hessians.safetensors: content hash mismatch" in log and "--forcerun calibrate" in log
     snakemake(workdir, "--forcerun", "calibrate")  # the rebuild the message names
     assert planned_jobs(workdir) == {}
     rebuilt = pd.read_parquet(workdir / "results/summary/cells.parquet").sort_values("cell", ignore_index=True)

@@ -32,7 +32,7 @@ def test_truncated_calibration_names_file_and_rebuild(calibration, random_checkp
     bad = tmp_path / "h.safetensors"
     bad.write_bytes((calibration / "h.safetensors").read_bytes())
     truncate(bad)
-    with pytest.raises(ArtefactError, match=rf"{bad}: content hash mismatch .* rerun the calibrate stage \(snakemake {bad} --force\)"):
+    with pytest.raises(ArtefactError, match=rf"{bad}: content hash mismatch .* rerun the calibrate stage \(snakemake --forcerun calibrate\)"):
         read_calibration(str(bad), str(random_checkpoint))
 
 

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from .grid import FULL_BITS, Cell
+from .grid import FULL_BITS, Cell, GridError, expand_grid
 
 # Per supported family (model_type), the config.json keys transformers 5.17 reads for the number of routed
 # experts (first key present wins; several where the config class maps an alias onto it, e.g. Qwen3-MoE files
@@ -184,11 +184,12 @@ def check_calibration_source(calib: dict) -> None:
 
 
 def check_config(config: dict, cells: list[Cell], local_exec: bool = True) -> None:
-    check_model_files(config["model"]["id"])  # before read_local_model_config parses config.json
+    check_model_config_json(config["model"]["id"])  # before read_local_model_config parses it
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
     check_calibration_source(config.get("calibration", {}))
     cfg = read_local_model_config(config["model"]["id"])
+    check_model_weights(config["model"]["id"])
     check_engine(config, cells, cfg, local_exec)
     check_group_size(config, cfg)
     if cfg is None:
@@ -320,11 +321,11 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_files(model_id: str) -> None:
-    """A local checkpoint's config.json is a JSON object and its safetensors weights are there and whole
-    (headers only: cheap at any model size). Hub ids are checked when their files are first loaded."""
+def check_model_config_json(model_id: str) -> None:
+    """A local checkpoint's config.json, when there, is a JSON object (read_local_model_config, which names a
+    missing directory or file, then reads it). Hub ids are checked when their files are first loaded."""
     if not is_local(model_id) or not Path(model_id).is_dir():
-        return  # read_local_model_config names a missing directory
+        return
     root = Path(model_id)
     cfg_path = root / "config.json"
     if cfg_path.is_file():
@@ -336,6 +337,13 @@ def check_model_files(model_id: str) -> None:
         if not isinstance(cfg, dict):
             raise ConfigError(f"model.id {model_id!r}: {cfg_path} holds a JSON {type(cfg).__name__}; allowed: the "
                               f"checkpoint's config.json, a JSON object")
+
+
+def check_model_weights(model_id: str) -> None:
+    """A local checkpoint's safetensors weights are there and whole (headers only: cheap at any size)."""
+    if not is_local(model_id) or not Path(model_id).is_dir():
+        return
+    root = Path(model_id)
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -418,3 +426,19 @@ def check_group_size(config: dict, model_cfg: dict | None) -> None:
             raise ConfigError(f"quantization.group_size {gs} with method 'hqq': does not divide the checkpoint's "
                               f"{key} {width}; allowed: a divisor of {' and '.join(map(str, widths.values()))}"
                               f" ({', '.join(map(str, ok)) or 'none of 16..256'}), or -1 (per channel)")
+
+
+def check_all(config: dict, schema_file: str | Path, local_exec: bool = True) -> list[Cell]:
+    """Every DAG-time check, in the order common.smk runs them; returns the grid's cells. Raises ConfigError:
+    one line, or one line per schema violation."""
+    check_values(config)
+    errors = schema_errors(config, schema_file)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    check_grid_size(config)
+    try:
+        cells = expand_grid(config["grid"])
+    except GridError as err:
+        raise ConfigError(str(err)) from None
+    check_config(config, cells, local_exec)
+    return cells

@@ -9,28 +9,19 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from moesweep.checks import ConfigError, check_config, check_grid_size, check_values, schema_errors  # noqa: E402
-from moesweep.grid import GridError, config_hash, expand_grid  # noqa: E402
+from moesweep.checks import ConfigError, check_all  # noqa: E402
+from moesweep.grid import config_hash  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
-# Every bad input is refused here, before any job, one line each: values (finite numbers, no `~` paths), then
-# the schema (one line per violation; snakemake's validate, which also fills the schema's defaults, then passes),
-# the grid's size before it is expanded, then the config against the files it names.
+# Every bad input is refused here, before any job, in one line each (checks.check_all: values, schema, the
+# grid's size before expanding it, then the config against the files it names). snakemake's validate then
+# passes; it stays for the schema defaults it would fill in.
 try:
-    check_values(config)
+    CELLS = check_all(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+                      local_exec=workflow.local_exec)
 except ConfigError as err:
-    raise WorkflowError(f"invalid config: {err}")
-_schema_errors = schema_errors(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
-if _schema_errors:
-    raise WorkflowError("\n".join(f"invalid config: {line}" for line in _schema_errors))
+    raise WorkflowError("\n".join(f"invalid config: {line}" for line in str(err).splitlines()))
 validate(config, schema="../schemas/config.schema.yaml")
-
-try:
-    check_grid_size(config)
-    CELLS = expand_grid(config["grid"])
-    check_config(config, CELLS, local_exec=workflow.local_exec)
-except (GridError, ConfigError) as err:
-    raise WorkflowError(f"invalid config: {err}")
 if config["model"].get("trust_remote_code"):  # on the terminal at DAG time, not only inside the jobs' logs
     from snakemake.logging import logger
 

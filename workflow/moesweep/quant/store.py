@@ -145,8 +145,9 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
 
 
 def rebuild_quantized_hint(path) -> str:
-    """The command that rebuilds one quantized file (with quantization.fused the one job writes every width)."""
-    return f"rerun the quantize stage: snakemake {path} --force"
+    """The command that rebuilds one quantized file and then what used it (with quantization.fused the one job
+    writes every width)."""
+    return f"rerun the quantize stage: snakemake --forcerun {path}"
 
 
 _ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bool: "BOOL"}
