@@ -387,7 +387,7 @@ def check_engine(config: dict, cells: list[Cell], model_cfg: dict | None, local_
     """evaluate.engine: fast where the fast engine cannot run (evaluate.resolve_engine's conditions, known now).
     CUDA's presence is checked only when jobs run on this machine: a DAG built on a cluster's login node for
     GPU nodes (--executor slurm) is not refused for the login node's lack of a GPU."""
-    ev = config["evaluate"]
+    ev = config.get("evaluate", {})
     if ev.get("engine", "auto") != "fast":
         return
     device = ev.get("device", "auto")
@@ -414,7 +414,7 @@ def check_engine(config: dict, cells: list[Cell], model_cfg: dict | None, local_
 def check_group_size(config: dict, model_cfg: dict | None) -> None:
     """hqq groups the flattened weight, so group_size must divide both expert input widths (hidden size for
     gate/up, the expert intermediate size for down); gptq and rtn take a shorter last group."""
-    quant = config["quantization"]
+    quant = config.get("quantization", {})
     gs = quant.get("group_size", -1)
     if model_cfg is None or quant.get("method") != "hqq" or gs <= 0:
         return
