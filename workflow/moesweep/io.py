@@ -222,3 +222,35 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     with atomic_path(path, seal=True) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={**metadata, **placeholder_metadata()})
+
+
+def verify_cached(hints: dict[str, str], cache_file: str | os.PathLike) -> None:
+    """Verify every existing file of `hints` ({path: rebuild command}) whose stat has changed since it last
+    verified; raise ArtefactError for the first mismatch.
+
+    Run when the DAG is built, so a corrupt artefact is found by the next run even when no job would read it.
+    A file is re-hashed only when its inode, size, mtime or ctime differ from those recorded in `cache_file`
+    when it last verified: any write through the file system changes the ctime, which no user can set back
+    (restoring the mtime, as a careful forger would, sets it). What a stat cannot see, a byte flipped by the
+    disk itself, is still caught by the readers, which hash every artefact they open.
+    """
+    cache_file = Path(cache_file)
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}  # no or unreadable record: every file is hashed again, nothing is trusted
+    changed = False
+    for path, hint in hints.items():
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # missing: Snakemake rebuilds it when something needs it
+        key = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if cache.get(path) == key:
+            continue
+        verify(path, hint)
+        cache[path], changed = key, True
+    if changed:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))

@@ -1,6 +1,7 @@
 # Config validation and grid expansion. Parse-time cheap on purpose: no torch import here (the slurm
 # executor re-parses the Snakefile inside every job).
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -37,6 +38,42 @@ except CostModelError as err:
 METHOD = config["quantization"]["method"]
 # Widths the quantize stage produces: those listed in the config and those any cell needs.
 WIDTHS = sorted(set(config["quantization"]["bits"]) | {b for c in CELLS for b in c.precision.widths})
+
+
+def cached_artefacts():
+    """{artefact: the rule that writes it} of every cached, content-hashed file this config uses."""
+    fused = config["quantization"].get("fused", False)
+    calibrate = "quantize" if fused else "calibrate"
+    out = {"results/calibration/routing_stats.json": calibrate, "results/profile/hotness.parquet": "profile"}
+    if not fused:
+        out.update({f"results/calibration/{n}.safetensors": "calibrate" for n in ("hessians", "heldout_hessians")})
+    for bits in WIDTHS:
+        out.update({f"results/quantization/{METHOD}-w{bits}{s}": "quantize" for s in (".safetensors", ".error.parquet")})
+    for cell in CELL_BY_ID:
+        out.update({f"results/cells/{cell}/{n}": "evaluate" for n in ("cell.json", "problems.parquet", "layers.parquet", "trace.parquet")})
+    return out
+
+
+def verify_cache(wildcards):
+    """An input function of rule all that adds no input: it checks the content hashes of the cached artefacts
+    when the DAG is built (moesweep/io.py verify_cached; a file is hashed again only when its stat changed), so
+    a corrupt artefact stops the next run even when no job would read it. An input function because only then
+    are the DAG settings known, and files this run is told to rebuild (--forcerun, -F, --force) are not checked.
+    Runs with other targets than all rely on the readers, which verify every artefact they open."""
+    from moesweep.io import ArtefactError, verify_cached
+
+    ds = workflow.dag_settings
+    if ds.forceall:
+        return []
+    forced = {os.path.normpath(t) for t in ds.forcerun}
+    forced |= {os.path.normpath(t) for t in ds.targets} if ds.forcetargets else set()
+    try:
+        verify_cached({path: f"rebuild it and what used it: snakemake --forcerun {path}"
+                       for path, rule in cached_artefacts().items() if path not in forced and rule not in forced},
+                      Path(".snakemake") / "moesweep-verified.json")
+    except ArtefactError as err:
+        raise WorkflowError(f"invalid cache: {err}")
+    return []
 
 
 wildcard_constraints:
@@ -98,4 +135,5 @@ def all_outputs():
         "results/figures/hotness.png",
         "results/figures/quant_error.png",
         *(["results/figures/projection.png"] if COST_MODEL else []),
+        verify_cache,
     ]
