@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..io import ArtefactError, atomic_path, placeholder_metadata, save_safetensors, verify
+from ..io import HASH_KEY, ArtefactError, atomic_path, placeholder_metadata, save_safetensors, verify
 from .core import QuantizedExperts, QuantSpec
 from .packing import packed_row_bytes
 
@@ -141,6 +141,7 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
         zeros = tensors[f"{name}.zeros"] if not spec.symmetric else torch.zeros(0, dtype=torch.uint8)
         layers[name] = QuantizedExperts(tensors[f"{name}.codes"], tensors[f"{name}.scales"], zeros,
                                         tuple(shape), spec, tensors[f"{name}.fallback"])
+    meta.pop(HASH_KEY, None)  # the file's integrity, not a property of its content: equal for equal content
     return layers, meta
 
 
