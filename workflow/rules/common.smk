@@ -51,6 +51,8 @@ def cached_artefacts():
         out.update({f"results/quantization/{METHOD}-w{bits}{s}": "quantize" for s in (".safetensors", ".error.parquet")})
     for cell in CELL_BY_ID:
         out.update({f"results/cells/{cell}/{n}": "evaluate" for n in ("cell.json", "problems.parquet", "layers.parquet", "trace.parquet")})
+    out.update({f"results/summary/{n}.parquet": "aggregate" for n in ("cells", "problems", "layers", "trace")})
+    out["results/quantization/error.parquet"] = "quantization_report"
     return out
 
 
