@@ -20,7 +20,7 @@ $(VENV)/.installed: envs/requirements.txt envs/constraints.txt pyproject.toml
 	touch $@
 
 run: env
-	$(BIN)/python workflow/moesweep/configfile.py config/config.yaml
+	$(BIN)/python -m moesweep.configfile config/config.yaml
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 

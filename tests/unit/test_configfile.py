@@ -1,4 +1,5 @@
 """Config files are data: YTE templating, code tags, duplicate keys and alias bombs are refused before loading."""
+import os
 import subprocess
 import sys
 import time
@@ -58,9 +59,10 @@ def test_shipped_configs_pass():
 def test_command_line_entry_point(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("seed: 1\nseed: 2\n")
-    script = REPO / "workflow/moesweep/configfile.py"
-    proc = subprocess.run([sys.executable, str(script), str(REPO / "config/config.yaml"), str(bad)],
-                          capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "moesweep.configfile"]  # what `make run` runs before Snakemake
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+    proc = subprocess.run([*cmd, str(REPO / "config/config.yaml"), str(bad)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"invalid config: config file {bad}: key seed is given twice in one mapping (line 2); give each key once")
-    assert subprocess.run([sys.executable, str(script), str(REPO / "config/config.yaml")]).returncode == 0
+    assert subprocess.run([*cmd, str(REPO / "config/config.yaml")], env=env).returncode == 0
+    assert "-m moesweep.configfile config/config.yaml" in (REPO / "Makefile").read_text()

@@ -11,8 +11,8 @@ the key) for:
 - more than MAX_NODES values or MAX_CHARS characters of scalars once aliases are expanded (an alias bomb is a few
   lines that expand to gigabytes; the count is memoised per node, so refusing one takes microseconds), a
   recursive alias, or a file over MAX_FILE_BYTES.
-No torch import: it runs before Snakemake (`make run`, `python workflow/moesweep/configfile.py FILE...`) and
-from the Snakefile on every config file Snakemake was given.
+No torch import: it runs before Snakemake (`make run`, `python -m moesweep.configfile FILE...`) and from the
+Snakefile on every config file Snakemake was given.
 """
 from __future__ import annotations
 
