@@ -16,10 +16,12 @@ from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModel
 
 # Every bad input is refused here, before any job, in one line each (checks.check_all: values, schema, the
 # grid's size before expanding it, then the config against the files it names). snakemake's validate then
-# passes; it stays for the schema defaults it would fill in.
+# passes; it stays for the schema defaults it would fill in. CUDA's presence (engine: fast) is asked only of the
+# machine that runs the jobs: not of a login node submitting to a cluster, nor inside a cluster job, which may
+# be another stage's on a CPU node.
 try:
     CELLS = check_all(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
-                      local_exec=workflow.local_exec)
+                      local_exec=workflow.local_exec and not workflow.remote_exec)
 except ConfigError as err:
     raise WorkflowError("\n".join(f"invalid config: {line}" for line in str(err).splitlines()))
 validate(config, schema="../schemas/config.schema.yaml")
