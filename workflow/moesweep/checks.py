@@ -222,7 +222,6 @@ def check_config(config: dict, cells: list[Cell], local_exec: bool = True) -> No
 # ---- Inputs refused before the first job (issue 22): each check raises ConfigError in one line naming the key,
 # the value and what is allowed. check_values runs before the schema (whose messages read badly for nan and inf).
 
-SEED_MAX = 2**64 - 1  # torch.manual_seed's range (it raises on larger values, inside the first job)
 PATH_KEYS = (("model", "id"), ("dataset", "source"), ("dataset", "fewshot_source"), ("calibration", "source"),
              ("cost_model", "target_model"))
 DEFAULT_MAX_CELLS = 1000
@@ -255,7 +254,8 @@ def check_values(config: dict) -> None:
 
     walk(config, [])
     for section, key in PATH_KEYS:
-        value = (config.get(section) or {}).get(key)
+        sec = config.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None  # a section of the wrong type: the schema's line
         if isinstance(value, str) and value.startswith("~"):
             raise ConfigError(f"{section}.{key} {value!r}: '~' is not expanded (files are opened as written); "
                               f"allowed: an absolute or relative path, e.g. {str(Path(value).expanduser())!r}")
