@@ -161,6 +161,7 @@ CATALOGUE = [  # (id, mutation, the one line expected)
     ("device-gpu", at("profile.device", "gpu"), r"^profile\.device: 'gpu' does not match"),
     ("seed-negative", at("seed", -1), r"^seed: -1 is less than the minimum of 0$"),
     ("empty-grid", at("grid", []), r"^grid: \[\] should be non-empty$"),
+    ("section-not-a-mapping", at("model", "tiny"), r"^model: 'tiny' is not of type 'object'$"),
     # refusals that existed before (grid meaning, files named)
     ("top-k-above-checkpoint", at("grid.1.routing.top_k", 8), r"top_k=8 exceeds the checkpoint's num_experts_per_tok=4; allowed: 1\.\.4$"),
     ("budget-below-feasible", at("grid.3.precision.memory_budget", 0.05), r"memory_budget 0\.05 is below the smallest feasible"),
