@@ -9,7 +9,7 @@ the key) for:
   also `!!timestamp`/`!!binary`/`!!set`: a config holds strings, numbers, booleans, null, lists and mappings);
 - a key given twice in one mapping (YAML and JSON loaders silently keep the last);
 - more than MAX_NODES values or MAX_CHARS characters of scalars once aliases are expanded (an alias bomb is a few
-  lines that expand to gigabytes; the count is memoised per node, so refusing one takes microseconds), a
+  lines that expand to gigabytes; the count is memoised per node, so refusing one takes milliseconds), a
   recursive alias, or a file over MAX_FILE_BYTES.
 No torch import: it runs before Snakemake (`make run`, `python -m moesweep.configfile FILE...`) and from the
 Snakefile on every config file Snakemake was given.
