@@ -29,6 +29,7 @@ $(VENV)/.installed-%: envs/%.txt envs/requirements.txt envs/constraints.txt pypr
 	touch $@
 
 run: env
+	$(BIN)/python -m moesweep.configfile config/config.yaml $(CONFIG)
 	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile=$(CONFIG))
 	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile=$(CONFIG)) \
 		--report $$($(BIN)/python -m moesweep.runfolder $(CONFIG))/report.html

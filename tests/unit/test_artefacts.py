@@ -32,7 +32,7 @@ def test_truncated_calibration_names_file_and_rebuild(calibration, random_checkp
     bad = tmp_path / "h.safetensors"
     bad.write_bytes((calibration / "h.safetensors").read_bytes())
     truncate(bad)
-    with pytest.raises(ArtefactError, match=rf"{bad}: unreadable calibration file .* --forcerun calibrate"):
+    with pytest.raises(ArtefactError, match=rf"{bad}: content hash mismatch .* rerun the calibrate stage \(snakemake --forcerun calibrate\)"):
         read_calibration(str(bad), str(random_checkpoint))
 
 
@@ -71,7 +71,7 @@ def test_corrupt_cell_output_names_the_cell_to_rebuild(tmp_path):
     cell_dir = tmp_path / "results/cells/top1-w16"
     cell_dir.mkdir(parents=True)
     (cell_dir / "cell.json").write_text('{"cell": "top1-w16", "n": ')
-    with pytest.raises(ArtefactError, match=r"cell.json: not valid JSON .* results/cells/top1-w16/cell.json --force"):
+    with pytest.raises(ArtefactError, match=r"cell.json: not valid JSON .*results/cells/top1-w16/cell.json --force"):
         aggregate([str(cell_dir / "cell.json")], [], [], *(str(tmp_path / f) for f in ("a", "b", "c", "d")))
 
 

@@ -160,10 +160,16 @@ def test_load_refuses_other_model_shapes_and_version(tmp_path):
     with pytest.raises(ArtefactError, match="bits"):
         load_quantized(path, {"bits": 3})
     from safetensors.torch import save_file
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"),
-              metadata={"format": "moesweep-quantized", "format_version": "0"})
+
+    from moesweep.io import save_safetensors
+    save_safetensors(tmp_path / "old.safetensors", {"x": torch.zeros(1)},
+                     {"format": "moesweep-quantized", "format_version": "0"})
     with pytest.raises(ArtefactError, match="format_version"):
         load_quantized(tmp_path / "old.safetensors", {})
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "unsealed.safetensors"),
+              metadata={"format": "moesweep-quantized", "format_version": "2"})
+    with pytest.raises(ArtefactError, match="unsealed.safetensors: no content hash recorded"):
+        load_quantized(tmp_path / "unsealed.safetensors", {})
 
 
 def test_load_refuses_truncated_or_missing_file(tmp_path):
@@ -249,14 +255,18 @@ def test_hqq_store_round_trip(tmp_path):
 
 
 def _resave(path, out, edit_tensors=None, edit_meta=None):
+    """A copy with edited tensors or metadata, sealed with its own content hash (moesweep.io), so that the
+    loader's format checks, not the hash, are what the edit meets."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from moesweep.io import HASH_KEY, save_safetensors
 
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     (edit_tensors or (lambda t: None))(tensors)
     (edit_meta or (lambda m: None))(meta)
-    save_file(tensors, str(out), metadata=meta)
+    meta.pop(HASH_KEY)
+    save_safetensors(out, tensors, meta)
 
 
 def test_store_reads_version_1_and_validates_dtypes(tmp_path):

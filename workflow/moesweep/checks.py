@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .grid import FULL_BITS, Cell
+from .grid import FULL_BITS, Cell, GridError, expand_grid
 
 # Per supported family (model_type), the config.json keys transformers 5.17 reads for the number of routed
 # experts (first key present wins; several where the config class maps an alias onto it, e.g. Qwen3-MoE files
@@ -276,12 +276,16 @@ def check_fewshot_source(dataset: dict, prompt: dict) -> None:
                           f"set; set dataset.fewshot_source to a train file (or use a hub id / synthetic)")
 
 
-def check_config(config: dict, cells: list[Cell]) -> None:
+def check_config(config: dict, cells: list[Cell], local_exec: bool = True) -> None:
+    check_model_config_json(config["model"]["id"])  # before read_local_model_config parses it
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
     check_fewshot_source(config["dataset"], config.get("prompt", {}))
     check_calibration_source(config.get("calibration", {}))
     cfg = read_model_config(config["model"])
+    check_model_weights(config["model"]["id"])
+    check_engine(config, cells, cfg, local_exec)
+    check_group_size(config, cfg)
     if cfg is None:
         return
     native_k = cfg[FAMILIES[cfg["model_type"]]["top_k"]]
@@ -307,3 +311,228 @@ def check_config(config: dict, cells: list[Cell]) -> None:
                 raise ConfigError(f"cell {c.id}: {text} is below the smallest feasible {need:.4f} (all experts at "
                                   f"{p.bits_low} bit, group size {config['quantization']['group_size']}); allowed: "
                                   f"{need:.4f}..{1 if p.policy == 'hotcold' else 2}")
+
+
+# ---- Inputs refused before the first job (issue 22): each check raises ConfigError in one line naming the key,
+# the value and what is allowed. check_values runs before the schema (whose messages read badly for nan and inf).
+
+PATH_KEYS = (("model", "id"), ("dataset", "source"), ("dataset", "fewshot_source"), ("calibration", "source"),
+             ("cost_model", "target_model"))
+DEFAULT_MAX_CELLS = 1000
+# The fast engine's widths (= moesweep.fast.FAST_BITS; repeated here because importing the engine imports
+# torch, and these checks run on every DAG build; tests/unit/test_catalogue.py asserts they agree).
+FAST_WIDTHS = (16, 8, 4, 2)
+FAST_MODEL_TYPES = ("qwen3_moe",)
+
+
+def key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def check_values(config: dict) -> None:
+    """Every number finite (`.inf`, `.nan` pass a schema's bounds or read as nonsense there), and no path that
+    starts with `~`: the stages open paths as given, so `~/x` would pass a check that expanded it and then fail
+    to open inside a job."""
+    def walk(value, parts):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key_path(parts)}: {value} is not a finite number; allowed: finite numbers")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, [*parts, k])
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, [*parts, i])
+
+    walk(config, [])
+    for section, key in PATH_KEYS:
+        sec = config.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None  # a section of the wrong type: the schema's line
+        if isinstance(value, str) and value.startswith("~"):
+            raise ConfigError(f"{section}.{key} {value!r}: '~' is not expanded (files are opened as written); "
+                              f"allowed: an absolute or relative path, e.g. {str(Path(value).expanduser())!r}")
+
+
+def schema_errors(config: dict, schema_file: str | Path) -> list[str]:
+    """One line per schema violation: the key, the value's error and what is allowed (jsonschema's own message
+    of the failing alternative that says what is allowed, cut to 200 characters: a rejected mapping is not
+    repeated whole)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_file).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    lines = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
+        while err.context:  # oneOf/anyOf: the alternative that failed on more than the value's type
+            err = min(err.context, key=lambda e: (e.validator == "type", -len(e.absolute_path)))
+        where = key_path(err.absolute_path) or "top level"
+        message = " ".join(err.message.split())
+        lines.append(f"{where}: {message[:200]}{'…' if len(message) > 200 else ''}")
+    return lines
+
+
+def count_cells(grid: list) -> int:
+    """Cells a grid expands to (grid.expand_grid's cartesian products), counted without building them."""
+    total = 0
+    for entry in grid:
+        n = 1
+        for section in ("routing", "precision"):
+            for v in (entry.get(section) or {}).values():
+                n *= len(v) if isinstance(v, list) else 1
+        total += n
+    return total
+
+
+def check_grid_size(config: dict) -> None:
+    cap = config.get("max_cells", DEFAULT_MAX_CELLS)
+    n = count_cells(config["grid"])
+    if n > cap:
+        raise ConfigError(f"grid: expands to {n:,} cells, above max_cells {cap:,}; allowed: at most max_cells cells "
+                          f"(raise max_cells to run a grid this large: one evaluate job per cell)")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (truncated, bad header), from its header alone; None when it is whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            return f"header length {n} does not fit the file's {size:,} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "header is not valid JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        return f"tensors need {max(ends, default=0):,} bytes of data, the file holds {data:,} (truncated?)"
+    return None
+
+
+def check_model_config_json(model_id: str) -> None:
+    """A local checkpoint's config.json, when there, is a JSON object (read_local_model_config, which names a
+    missing directory or file, then reads it). Hub ids are checked when their files are first loaded."""
+    if not is_local(model_id) or not Path(model_id).is_dir():
+        return
+    root = Path(model_id)
+    cfg_path = root / "config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"model.id {model_id!r}: {cfg_path} is not valid JSON ({err}); allowed: the "
+                              f"checkpoint's config.json, a JSON object") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"model.id {model_id!r}: {cfg_path} holds a JSON {type(cfg).__name__}; allowed: the "
+                              f"checkpoint's config.json, a JSON object")
+
+
+def check_model_weights(model_id: str) -> None:
+    """A local checkpoint's safetensors weights are there and whole (headers only: cheap at any size)."""
+    if not is_local(model_id) or not Path(model_id).is_dir():
+        return
+    root = Path(model_id)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"model.id {model_id!r}: {index} is not a safetensors index with a weight_map "
+                              f"({type(err).__name__}: {err})") from None
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise ConfigError(f"model.id {model_id!r}: {root / missing[0]} (named in {index.name}) is missing"
+                              f"{f' with {len(missing) - 1} more' if len(missing) > 1 else ''}; download the "
+                              f"checkpoint's weights again")
+        files = [root / s for s in shards]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in root.glob("*.bin"))
+        raise ConfigError(f"model.id {model_id!r}: no weights in that directory; allowed: *.safetensors files"
+                          f"{f' (found {pickled[0]}: pickle weights are never loaded)' if pickled else ''}")
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise ConfigError(f"model.id {model_id!r}: weights file {f} is unusable ({problem}); download it again")
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process, from the driver library (no torch import; 0 without a driver)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def check_engine(config: dict, cells: list[Cell], model_cfg: dict | None, local_exec: bool = True) -> None:
+    """evaluate.engine: fast where the fast engine cannot run (evaluate.resolve_engine's conditions, known now).
+    CUDA's presence is checked only when jobs run on this machine: a DAG built on a cluster's login node for
+    GPU nodes (--executor slurm) is not refused for the login node's lack of a GPU."""
+    ev = config.get("evaluate", {})
+    if ev.get("engine", "auto") != "fast":
+        return
+    device = ev.get("device", "auto")
+    where = f"evaluate.engine 'fast' with evaluate.device {device!r}"
+    if device == "cpu":
+        raise ConfigError(f"{where}: the fast engine runs on CUDA only; allowed: device auto/cuda/cuda:N, or "
+                          f"engine auto/reference")
+    if config["model"].get("dtype", "float32") != "bfloat16":
+        raise ConfigError(f"evaluate.engine 'fast' with model.dtype {config['model'].get('dtype', 'float32')!r}: the "
+                          f"fast engine computes in bfloat16; allowed: model.dtype bfloat16, or engine auto/reference")
+    if model_cfg is not None and model_cfg.get("model_type") not in FAST_MODEL_TYPES:
+        raise ConfigError(f"evaluate.engine 'fast' with model_type {model_cfg.get('model_type')!r}: allowed: "
+                          f"{', '.join(FAST_MODEL_TYPES)}, or engine auto/reference")
+    for c in cells:
+        odd = sorted(set(c.precision.widths) - set(FAST_WIDTHS))
+        if odd:
+            raise ConfigError(f"evaluate.engine 'fast' with cell {c.id}: width {odd[0]} bit; the fast engine serves "
+                              f"{'/'.join(map(str, FAST_WIDTHS))} bit; allowed: those widths, or engine auto")
+    if local_exec and cuda_device_count() == 0:
+        raise ConfigError(f"{where}: no CUDA device is visible on this machine, where the jobs would run; allowed: "
+                          f"engine auto/reference here, or a cluster executor (--executor slurm) with GPU nodes")
+
+
+def check_group_size(config: dict, model_cfg: dict | None) -> None:
+    """hqq groups the flattened weight, so group_size must divide both expert input widths (hidden size for
+    gate/up, the expert intermediate size for down); gptq and rtn take a shorter last group."""
+    quant = config.get("quantization", {})
+    gs = quant.get("group_size", -1)
+    if model_cfg is None or quant.get("method") != "hqq" or gs <= 0:
+        return
+    widths = {"hidden_size": model_cfg["hidden_size"],
+              FAMILIES[model_cfg["model_type"]]["intermediate"]: expert_intermediate_size(model_cfg)}
+    for key, width in widths.items():
+        if width % gs:
+            ok = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+            raise ConfigError(f"quantization.group_size {gs} with method 'hqq': does not divide the checkpoint's "
+                              f"{key} {width}; allowed: a divisor of {' and '.join(map(str, widths.values()))}"
+                              f" ({', '.join(map(str, ok)) or 'none of 16..256'}), or -1 (per channel)")
+
+
+def check_all(config: dict, schema_file: str | Path, local_exec: bool = True) -> list[Cell]:
+    """Every DAG-time check, in the order common.smk runs them; returns the grid's cells. Raises ConfigError:
+    one line, or one line per schema violation."""
+    check_values(config)
+    errors = schema_errors(config, schema_file)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    check_grid_size(config)
+    try:
+        cells = expand_grid(config["grid"])
+    except GridError as err:
+        raise ConfigError(str(err)) from None
+    check_config(config, cells, local_exec)
+    return cells

@@ -87,21 +87,34 @@ def add_projections(cells: pd.DataFrame, layers: pd.DataFrame, settings: CostMod
 
 
 def _rebuild_hint(path: str) -> str:
-    cell = Path(path).parent.name
-    return f"rebuild that cell: snakemake results/cells/{cell}/cell.json --force"
+    return f"rebuild that cell: snakemake {Path(path).parent / 'cell.json'} --force"
 
 
 def _read_parquet(path: str) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several types for truncated or foreign files
-        raise io.ArtefactError(f"{path}: unreadable Parquet file ({err}); {_rebuild_hint(path)}") from None
+    return io.read_parquet(path, _rebuild_hint(path))  # content hash verified, then read
+
+
+def read_cell_json(path: str, expected_hashes: dict[str, str] | None = None) -> dict:
+    """A cell's summary, refused unless it is its folder's cell: a cell.json copied from another cell (valid,
+    hash and all) would otherwise become a second row of that cell and hide this one's."""
+    summary = io.read_json(path, _rebuild_hint(path))
+    folder = Path(path).parent.name
+    if summary.get("cell") != folder:
+        raise io.ArtefactError(f"{path}: holds cell {summary.get('cell')!r}, not {folder!r} (copied from another "
+                               f"cell's folder?); {_rebuild_hint(path)}")
+    if expected_hashes is not None and summary.get("config_hash") != expected_hashes.get(folder):
+        raise io.ArtefactError(f"{path}: config_hash {summary.get('config_hash')!r} is not this config's "
+                               f"{expected_hashes.get(folder)!r} for cell {folder!r}; {_rebuild_hint(path)}")
+    return summary
 
 
 def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list[str], out_cells: str,
               out_problems: str, out_layers: str, out_csv: str, trace_files: list[str] = (),
-              out_trace: str | None = None, cost_model: CostModelSettings | None = None) -> pd.DataFrame:
-    cells = pd.DataFrame([io.read_json(p, _rebuild_hint(p)) for p in cell_jsons])
+              out_trace: str | None = None, cost_model: CostModelSettings | None = None,
+              expected_hashes: dict[str, str] | None = None) -> pd.DataFrame:
+    """`expected_hashes`: {cell id: config_hash} the current config gives each cell (grid.config_hash of the
+    evaluate rule's settings and cell); a cell.json with another is refused."""
+    cells = pd.DataFrame([read_cell_json(p, expected_hashes) for p in cell_jsons])
     problems = pd.concat([_read_parquet(p) for p in problem_files], ignore_index=True)
     layers = pd.concat([_read_parquet(p) for p in layer_files], ignore_index=True)
     if cells["n"].nunique() != 1:

@@ -108,6 +108,7 @@ class CalibrationReader:
         from safetensors import safe_open
 
         self.path = str(path)
+        io.verify(self.path, "rerun the calibrate stage (snakemake --forcerun calibrate)")
         try:
             with safe_open(self.path, framework="pt") as f:
                 self.meta = f.metadata() or {}

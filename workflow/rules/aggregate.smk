@@ -18,6 +18,8 @@ rule aggregate:
         **cost_model_inputs(),
     params:
         cost_model=config.get("cost_model"),
+        # each cell's config hash under this config: a cell.json from another cell or config is refused
+        cell_hashes={c: config_hash(stage_settings(), cell.to_dict()) for c, cell in CELL_BY_ID.items()},
     output:
         cells=report(f"{OUT}/summary/cells.parquet", caption="../report/cells.rst", category="Tables"),
         problems=f"{OUT}/summary/problems.parquet",

@@ -1,6 +1,7 @@
 # Config validation and grid expansion. Parse-time cheap on purpose: no torch import here (the slurm
 # executor re-parses the Snakefile inside every job).
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -9,25 +10,27 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from moesweep.checks import ConfigError, check_config, run_name  # noqa: E402
-from moesweep.grid import GridError, expand_grid  # noqa: E402
+from moesweep.checks import ConfigError, check_all, run_name  # noqa: E402
+from moesweep.grid import config_hash  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
-# `--configfile a.yaml results/x` makes argparse read the target as a second config file (nargs="+"); say so
-# instead of failing on its contents. `--configfile=a.yaml` cannot swallow a target.
-for _path in workflow.configfiles:
-    if Path(_path).suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise WorkflowError(f"invalid config: config file {_path!r} is not a .yaml/.yml/.json file; did --configfile "
-                            f"swallow a target? Write --configfile=PATH, or put the targets before --configfile")
-
-validate(config, schema="../schemas/config.schema.yaml")
-
+# Every bad input is refused here, before any job, in one line each (checks.check_all: values, schema, the
+# grid's size before expanding it, then the config against the files it names). snakemake's validate then
+# passes; it stays for the schema defaults it would fill in. CUDA's presence (engine: fast) is asked only of the
+# machine that runs the jobs: not of a login node submitting to a cluster, nor inside a cluster job, which may
+# be another stage's on a CPU node.
 try:
-    CELLS = expand_grid(config["grid"])
-    check_config(config, CELLS)
+    CELLS = check_all(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+                      local_exec=workflow.local_exec and not workflow.remote_exec)
     RUN = run_name(config)
-except (GridError, ConfigError) as err:
-    raise WorkflowError(f"invalid config: {err}")
+except ConfigError as err:
+    raise WorkflowError("\n".join(f"invalid config: {line}" for line in str(err).splitlines()))
+validate(config, schema="../schemas/config.schema.yaml")
+if config["model"].get("trust_remote_code"):  # on the terminal at DAG time, not only inside the jobs' logs
+    from snakemake.logging import logger
+
+    logger.warning(f"WARNING: model.trust_remote_code is true: the jobs will run Python code shipped with "
+                   f"{config['model']['id']!r}; set it to false unless you trust that checkpoint's code")
 # Every output of this config lives under its run folder, so two configs never overwrite each other's cells.
 OUT = f"results/{RUN}"
 LOGS = f"logs/{RUN}"
@@ -48,6 +51,44 @@ except CostModelError as err:
 METHOD = config["quantization"]["method"]
 # Widths the quantize stage produces: those listed in the config and those any cell needs.
 WIDTHS = sorted(set(config["quantization"]["bits"]) | {b for c in CELLS for b in c.precision.widths})
+
+
+def cached_artefacts():
+    """{artefact: the rule that writes it} of every cached, content-hashed file this config uses."""
+    fused = config["quantization"].get("fused", False)
+    calibrate = "quantize" if fused else "calibrate"
+    out = {f"{OUT}/calibration/routing_stats.json": calibrate, f"{OUT}/profile/hotness.parquet": "profile"}
+    if not fused:
+        out.update({f"{OUT}/calibration/{n}.safetensors": "calibrate" for n in ("hessians", "heldout_hessians")})
+    for bits in WIDTHS:
+        out.update({f"{OUT}/quantization/{METHOD}-w{bits}{s}": "quantize" for s in (".safetensors", ".error.parquet")})
+    for cell in CELL_BY_ID:
+        out.update({f"{OUT}/cells/{cell}/{n}": "evaluate" for n in ("cell.json", "problems.parquet", "layers.parquet", "trace.parquet")})
+    out.update({f"{OUT}/summary/{n}.parquet": "aggregate" for n in ("cells", "problems", "layers", "trace")})
+    out[f"{OUT}/quantization/error.parquet"] = "quantization_report"
+    return out
+
+
+def verify_cache(wildcards):
+    """An input function of rule all that adds no input: it checks the content hashes of the cached artefacts
+    when the DAG is built (moesweep/io.py verify_cached; a file is hashed again only when its stat changed), so
+    a corrupt artefact stops the next run even when no job would read it. An input function because only then
+    are the DAG settings known, and files this run is told to rebuild (--forcerun, -F, --force) are not checked.
+    Runs with other targets than all rely on the readers, which verify every artefact they open."""
+    from moesweep.io import ArtefactError, verify_cached
+
+    ds = workflow.dag_settings
+    if ds.forceall:
+        return []
+    forced = {os.path.normpath(t) for t in ds.forcerun}
+    forced |= {os.path.normpath(t) for t in ds.targets} if ds.forcetargets else set()
+    try:
+        verify_cached({path: f"rebuild it and what used it: snakemake --forcerun {path}"
+                       for path, rule in cached_artefacts().items() if path not in forced and rule not in forced},
+                      Path(".snakemake") / "moesweep-verified.json")
+    except ArtefactError as err:
+        raise WorkflowError(f"invalid cache: {err}")
+    return []
 
 
 wildcard_constraints:
@@ -124,22 +165,29 @@ def cell_outputs(name):
 
 
 def all_outputs():
+    # Every cell's outputs are targets of their own: Snakemake reruns a job whose outputs are missing only when
+    # a job that needs it must run, and a present, newer summary does not, so a deleted (or failed and cleaned)
+    # cell folder would otherwise never be recomputed ("Nothing to be done" over a stale summary).
     return [
-        f"{OUT}/{path}"
-        for path in (
-            "summary/cells.parquet",
-            "summary/problems.parquet",
-            "summary/layers.parquet",
-            "summary/cells.csv",
-            "quantization/error.parquet",
-            "figures/pareto.png",
-            "figures/capacity_factor.png",
-            "figures/precision_budget.png",
-            "figures/load_imbalance.png",
-            "figures/dynamic_precision.png",
-            "summary/trace.parquet",
-            "figures/hotness.png",
-            "figures/quant_error.png",
-            *(["figures/projection.png"] if COST_MODEL else []),
-        )
+        *(f for name in ("cell.json", "problems.parquet", "layers.parquet", "trace.parquet") for f in cell_outputs(name)),
+        *(
+            f"{OUT}/{path}"
+            for path in (
+                "summary/cells.parquet",
+                "summary/problems.parquet",
+                "summary/layers.parquet",
+                "summary/cells.csv",
+                "quantization/error.parquet",
+                "figures/pareto.png",
+                "figures/capacity_factor.png",
+                "figures/precision_budget.png",
+                "figures/load_imbalance.png",
+                "figures/dynamic_precision.png",
+                "summary/trace.parquet",
+                "figures/hotness.png",
+                "figures/quant_error.png",
+                *(["figures/projection.png"] if COST_MODEL else []),
+            )
+        ),
+        verify_cache,
     ]

@@ -8,8 +8,9 @@ Tensor keys, for each entry NAME of the layers dict (e.g. "layers.3.gate_up_proj
 Metadata (all strings; non-strings are JSON-encoded): format="moesweep-quantized", format_version,
 bits, group_size, symmetric, method, damp, min_tokens, zero_dtype ("uint8": integer zero points of the
 gptq/rtn grid; "float16": hqq's float zero points; "none": symmetric), shapes (JSON {NAME: [E, out, in]}),
-and every entry of the caller's metadata (model_id, calibration hash, ...). All layers of one file share
-one QuantSpec. Every tensor's dtype and shape is checked on load.
+and every entry of the caller's metadata (model_id, calibration hash, ...), and the file's content hash
+(io.HASH_KEY, see moesweep/io.py). All layers of one file share one QuantSpec. The content hash, then every
+tensor's dtype and shape are checked on load.
 
 Version 2 added zero_dtype (float16 zeros for hqq); version-1 files (uint8 zeros only, no zero_dtype) are
 still read. Files may also be written layer by layer (QuantizedWriter): the same bytes layout rules of
@@ -23,7 +24,7 @@ import os
 
 import torch
 
-from ..io import ArtefactError, atomic_path, save_safetensors
+from ..io import HASH_KEY, ArtefactError, atomic_path, placeholder_metadata, save_safetensors, verify
 from .core import QuantizedExperts, QuantSpec
 from .packing import packed_row_bytes
 
@@ -100,8 +101,9 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
     from safetensors import safe_open
 
     def fail(why: str):
-        raise ArtefactError(f"{path}: {why}; rerun the quantize stage")
+        raise ArtefactError(f"{path}: {why}; {rebuild_quantized_hint(path)}")
 
+    verify(path, rebuild_quantized_hint(path))  # every byte, before any metadata or tensor is trusted
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -139,7 +141,14 @@ def load_quantized(path: str | os.PathLike, expect: dict) -> tuple[dict[str, Qua
         zeros = tensors[f"{name}.zeros"] if not spec.symmetric else torch.zeros(0, dtype=torch.uint8)
         layers[name] = QuantizedExperts(tensors[f"{name}.codes"], tensors[f"{name}.scales"], zeros,
                                         tuple(shape), spec, tensors[f"{name}.fallback"])
+    meta.pop(HASH_KEY, None)  # the file's integrity, not a property of its content: equal for equal content
     return layers, meta
+
+
+def rebuild_quantized_hint(path) -> str:
+    """The command that rebuilds one quantized file and then what used it (with quantization.fused the one job
+    writes every width)."""
+    return f"rerun the quantize stage: snakemake --forcerun {path}"
 
 
 _ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.bool: "BOOL"}
@@ -163,13 +172,13 @@ class QuantizedWriter:
                 nbytes = math.prod(shape_) * torch.empty(0, dtype=dtype).element_size()
                 self.parts[key], self.offsets[key] = (dtype, shape_), (offset, offset + nbytes)
                 offset += nbytes
-        header = {"__metadata__": _file_metadata(spec, self.shapes, metadata)}
+        header = {"__metadata__": {**_file_metadata(spec, self.shapes, metadata), **placeholder_metadata()}}
         header.update({k: {"dtype": _ST_DTYPES[d], "shape": list(s), "data_offsets": list(self.offsets[k])}
                        for k, (d, s) in self.parts.items()})
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
         self._data_start = 8 + len(raw)
-        self._atomic = atomic_path(path)
+        self._atomic = atomic_path(path, seal=True)
         self._tmp = self._atomic.__enter__()
         self._file = open(self._tmp, "r+b")
         self._file.write(len(raw).to_bytes(8, "little") + raw)
