@@ -634,6 +634,11 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     bm, bn, bk = tile_sizes(tier.bits, out.shape[0], slot_of_expert.shape[0])
     if bm != block_m:
         raise ValueError(f"assignments were aligned to blocks of {block_m}, the kernel uses {bm}")
+    from .lowbit import ServingTier, serving_matmul  # lowbit imports this module
+    if isinstance(tier, ServingTier):  # packed experts in the serving layout: lowbit's kernels
+        serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier, x_row_div, block_m, routed_weight,
+                       gate_up)
+        return
     w = tier.weight
     scales = tier.scales if tier.scales is not None else w
     zeros = tier.zeros if tier.zeros is not None else w

@@ -1,0 +1,328 @@
+"""Serving layout of packed experts and the kernels that read it (issue 20: quantized experts faster than bf16).
+
+The stored format (quant/packing.py: one little-endian bit stream per output row, code i of byte j = column j*P + i)
+is made for storage; a decode kernel reading it loads single bytes and must split the activations into P strided
+column planes, and it measured bound by those instructions (about 1.2 T weights/s on the H200 at every width,
+results/expert_kernels_h200.md). `serving_layout` rearranges a tier once, when the engine loads it (the stored
+files are unchanged), into what the kernels want:
+
+* words: int32 [S, KT, N, W]. The K axis is cut into KT tiles of GK = W * C columns (C = 32 // bits codes a word);
+  word j of row n in tile t holds in its bits [i*bits, (i+1)*bits) the code of column t*GK + i*W + j. So one
+  32-bit load gives a thread C codes, and code slot i of all W words of a tile pairs with the W contiguous
+  activations x[t*GK + i*W : t*GK + (i+1)*W]: loaded once per program and reused by every row it holds, no
+  strided gathers. A tile's words of all rows are contiguous (coalesced loads of BN * W * 4 bytes). K is padded
+  with zero codes up to a multiple of GK (their activations are masked to 0).
+* meta: float16 [S, NG, N, 2] = (scale, zero) per (group, row), groups outer, so a tile reads the (scale, zero)
+  pairs of its BN rows as one contiguous run. Symmetric tiers store zero = 2**(bits-1), HQQ its float zeros,
+  GPTQ/RTN their integer zeros (exact in float16).
+
+Dequantisation without int->float conversions (quarter rate) and with the zero point out of the inner loop: the
+code is moved to the top of a float32 mantissa and or-ed with the exponent of 1.0, f = 1 + q * 2**-b exactly (one
+shift, one and/or). Over the code slots of one scale group the kernel sums t = sum f * a and B = sum a (B is per
+column, shared by all rows), and then w.a = s * sum (q - z) a = (s * 2**b) * t - s * (2**b + z) * B: one
+multiply-add per code, two per word and group. W divides the group size, so every code slot lies in one group.
+
+Prefill-sized blocks (BM >= 16) take `_serving_dot_kernel`, tl.dot over the same layout (each code slot is a
+[W, BN] tile of contiguous columns, so W >= 16, tl.dot's minimum K). A tier whose group size admits no W >= 16
+(group sizes without a power-of-two factor of 16, e.g. 24) keeps the stored layout and today's kernels; the
+engine logs it once per reason when it loads the tier.
+
+SERVING_LAYOUT selects the path for tiers made from then on (moe.quantized_tier); the old kernels stay in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import ExpertTier, _block_slot
+
+log = logging.getLogger(__name__)
+
+# Whether moe.quantized_tier converts packed tiers to the serving layout (the lead flips it after the GPU run;
+# benchmarks/expert_kernels.py times both paths in one process).
+SERVING_LAYOUT = False
+MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
+MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
+# GEMV tiles by rows per block: BN output rows per program, UNROLL tiles loaded before they are used, num_warps.
+# Unmeasured first choice (benchmarks/expert_kernels.py sweeps them): at batch 1 a layer has 8 live blocks, so
+# gate_up (768 rows) with BN 32 gives 192 programs and down (2048 rows) 512 on 132 SMs.
+SERVING_GEMV_TILES = {1: {"BN": 32, "UNROLL": 2, "num_warps": 4}, 2: {"BN": 32, "UNROLL": 2, "num_warps": 4},
+                      4: {"BN": 32, "UNROLL": 1, "num_warps": 4}, 8: {"BN": 16, "UNROLL": 1, "num_warps": 4}}
+SERVING_DOT_TILES = {"BN": 32, "num_warps": 4, "num_stages": 3}
+_logged: set[str] = set()
+
+
+@dataclasses.dataclass
+class ServingTier(ExpertTier):
+    """An ExpertTier in the serving layout: weight = words int32 [S, KT, N, W], scales = meta float16 [S, NG, N, 2],
+    zeros None (they are in meta). in_features = the real K (the layout may be padded past it)."""
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def words(self) -> int:
+        return self.weight.shape[3]
+
+
+def serving_words(bits: int, in_features: int, group_size: int) -> int | None:
+    """W for this shape: a power of two in [MIN_WORDS, MAX_WORDS] dividing the group size, the largest whose tile
+    divides K (no padding), else the smallest (least padding); None when no W divides the group size."""
+    c = 32 // bits
+    cands = [w for w in (64, 32, 16, 8, 4, 2, 1) if MIN_WORDS <= w <= MAX_WORDS and group_size % w == 0]
+    if not cands:
+        return None
+    exact = [w for w in cands if in_features % (w * c) == 0]
+    return exact[0] if exact else cands[-1]
+
+
+def _why_not(tier: ExpertTier) -> str | None:
+    if isinstance(tier, ServingTier) or tier.bits == 16:
+        return "not packed"
+    if serving_words(tier.bits, tier.in_features, tier.group_size) is None:
+        return (f"group size {tier.group_size} has no power-of-two factor >= {MIN_WORDS}: int{tier.bits} experts "
+                f"of this quantization keep the stored layout and the previous kernels")
+    return None
+
+
+def _unpack(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Stored codes [S, N, ceil(K*bits/8)] uint8 -> [S, N, K] uint8 on packed's device (quant/packing.py's layout
+    for 2/4/8 bits: code i of byte j is column j*P + i)."""
+    p = 8 // bits
+    shifts = torch.arange(p, device=packed.device, dtype=torch.uint8) * bits
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :K]
+
+
+def serving_layout(tier: ExpertTier, chunk: int = 8) -> ExpertTier:
+    """The tier in the serving layout (module docstring), on the tier's device, or the tier itself (logged once per
+    reason) when its group size cannot take it."""
+    why = _why_not(tier)
+    if why is not None:
+        if why != "not packed" and why not in _logged:
+            _logged.add(why)
+            log.warning("serving layout: %s", why)
+        return tier
+    bits, K, G = tier.bits, tier.in_features, tier.group_size
+    S, N = tier.weight.shape[:2]
+    c = 32 // bits
+    W = serving_words(bits, K, G)
+    gk = W * c
+    KT = -(-K // gk)
+    NG = -(-(KT * gk) // G)  # groups of the padded K (the extra ones have scale 0)
+    device = tier.weight.device
+    words = torch.empty(S, KT, N, W, dtype=torch.int32, device=device)
+    shifts = torch.arange(c, device=device, dtype=torch.int64) * bits
+    for s0 in range(0, S, chunk):  # bound the unpacked temporaries (int64: 8 bytes a code)
+        codes = _unpack(tier.weight[s0:s0 + chunk], bits, K)
+        codes = torch.nn.functional.pad(codes, (0, KT * gk - K)).reshape(-1, N, KT, c, W).to(torch.int64)
+        word = (codes << shifts[:, None]).sum(3)  # [s, N, KT, W], the word's value as an unsigned 32-bit number
+        # the low half of each int64 (little endian) is the word's bit pattern as int32
+        word = word.contiguous().view(torch.int32)[..., 0::2]
+        words[s0:s0 + chunk] = word.permute(0, 2, 1, 3)
+    scales = tier.scales.to(torch.float16)
+    zeros = (torch.full_like(scales, float(1 << (bits - 1))) if tier.zeros is None else tier.zeros.to(torch.float16))
+    meta = torch.stack([scales, zeros], -1)  # [S, N, n_groups, 2]
+    meta = torch.nn.functional.pad(meta, (0, 0, 0, NG - meta.shape[2]))
+    meta = meta.permute(0, 2, 1, 3).contiguous()
+    return ServingTier(bits, words, meta, None, G, K)
+
+
+@triton.jit
+def _magic(words, SLOT: tl.constexpr, BITS: tl.constexpr):
+    """Code slot SLOT of every word as the float32 1 + q * 2**-BITS, exactly: the code moved to the top of the
+    mantissa (one shift) and or-ed with the exponent of 1.0 (one and/or). Arithmetic right shifts are fine: the
+    sign bits land above the mask."""
+    TOP: tl.constexpr = 23 - BITS
+    if SLOT * BITS <= TOP:
+        v = words << (TOP - SLOT * BITS)
+    else:
+        v = words >> (SLOT * BITS - TOP)
+    return ((v & (((1 << BITS) - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_pair(m_ptr, g, BITS: tl.constexpr):
+    """(s * 2**BITS, s * (2**BITS + z)) from the meta pairs at g ([..., 1] offsets of the scale)."""
+    s = tl.load(m_ptr + g).to(tl.float32)
+    z = tl.load(m_ptr + g + 1).to(tl.float32)
+    return s * (1 << BITS), s * ((1 << BITS) + z)
+
+
+@triton.jit
+def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP, sm1,
+               BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr, EVEN_K: tl.constexpr):
+    """One tile of GK = W * C columns: acc [BM, BN, W] += the tile's products (see the module docstring)."""
+    C: tl.constexpr = 32 // BITS
+    j = tl.arange(0, W)[None, None, :]
+    for i in tl.static_range(C):
+        col = kt + i * W + j
+        if EVEN_K:
+            a = tl.load(x_base + col).to(tl.float32)  # [BM, 1, W]
+        else:
+            a = tl.load(x_base + col, mask=col < K, other=0.0).to(tl.float32)
+        f = _magic(words, i, BITS)  # [1, BN, W]
+        if i % SPG == 0:
+            t = f * a
+            b = a
+            if GATE_UP:
+                t_up = _magic(words_up, i, BITS) * a
+        else:
+            t += f * a
+            b += a
+            if GATE_UP:
+                t_up += _magic(words_up, i, BITS) * a
+        if (i + 1) % SPG == 0:  # the last slot of a scale group: fold in its scale and zero
+            g = (kt + (i + 1 - SPG) * W) // GROUP * sm1
+            s2, c = _scale_pair(m_base, g, BITS)  # [1, BN, 1]
+            acc += s2 * t - c * b
+            if GATE_UP:
+                s2, c = _scale_pair(m_up, g, BITS)
+                acc_up += s2 * t_up - c * b
+    return acc, acc_up
+
+
+@triton.jit
+def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr, m_ptr,
+                         num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1,
+                         BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr,
+                         ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+                         EVEN_K: tl.constexpr):
+    """Blocks of BM < 16 rows (decode) over the serving layout, same arguments and semantics as
+    kernels._grouped_expert_gemv_kernel. Every weight word is loaded once per program and unpacked once for all
+    BM rows; products accumulate elementwise in [BM, BN, W] float32 and are summed over W after the loop. UNROLL
+    tiles' words are loaded before the first is used (KT is a multiple of UNROLL). Rows past N and padding rows
+    read valid rows (N - 1, activations row 0); their results are never stored."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
+    if slot < 0:
+        return
+    assign = tl.load(assign_ptr + pid_m * BM + tl.arange(0, BM))
+    m_mask = assign < num_assign
+    x_base = x_ptr + tl.where(m_mask, assign // x_row_div, 0)[:, None, None].to(tl.int64) * sx  # [BM, 1, 1]
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)[None, :, None]  # [1, BN, 1]
+    w_base = w_ptr + slot.to(tl.int64) * sw0 + rows * W + tl.arange(0, W)[None, None, :]
+    up_base = w_base + N * W  # gate_up_proj stacks the gate rows [0, N) over the up rows [N, 2N)
+    m_base = m_ptr + slot.to(tl.int64) * sm0 + rows * 2
+    m_up = m_base + N * 2
+    acc = tl.zeros((BM, BN, W), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN, W), dtype=tl.float32)
+    GK: tl.constexpr = W * (32 // BITS)
+    for t0 in range(0, KT, UNROLL):
+        w0 = tl.load(w_base + t0 * sw1)
+        w0u = w0
+        if GATE_UP:
+            w0u = tl.load(up_base + t0 * sw1)
+        if UNROLL >= 2:
+            w1 = tl.load(w_base + (t0 + 1) * sw1)
+            w1u = w1
+            if GATE_UP:
+                w1u = tl.load(up_base + (t0 + 1) * sw1)
+        acc, acc_up = _tile_gemv(acc, acc_up, w0, w0u, x_base, m_base, m_up, t0 * GK, K, GROUP, sm1,
+                                 BITS, W, SPG, GATE_UP, EVEN_K)
+        if UNROLL >= 2:
+            acc, acc_up = _tile_gemv(acc, acc_up, w1, w1u, x_base, m_base, m_up, (t0 + 1) * GK, K, GROUP, sm1,
+                                     BITS, W, SPG, GATE_UP, EVEN_K)
+    acc = tl.sum(acc, axis=2)  # [BM, BN]
+    cols = pid_n * BN + tl.arange(0, BN)
+    if GATE_UP:
+        acc = acc / (1.0 + tl.exp(-acc)) * tl.sum(acc_up, axis=2)  # silu(gate) * up
+    if ROUTED_WEIGHT:
+        acc = acc * tl.load(routed_weight_ptr + assign, mask=m_mask, other=0.0)[:, None]
+    tl.store(out_ptr + assign[:, None].to(tl.int64) * so + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _dot_slot(a, words, m_base, g, BITS: tl.constexpr, SLOT: tl.constexpr):
+    """Code slot SLOT of a [W, BN] words tile dequantised to a's dtype: fma(f, s * 2**b, -s * (2**b + z))."""
+    s2, c = _scale_pair(m_base, g, BITS)  # [1, BN]
+    return (_magic(words, SLOT, BITS) * s2 - c).to(a.dtype)
+
+
+@triton.jit
+def _serving_dot_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr, m_ptr,
+                        num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1,
+                        BITS: tl.constexpr, W: tl.constexpr, GATE_UP: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr):
+    """Prefill blocks (BM >= 16) over the serving layout with tl.dot: code slot i of a tile is the [W, BN] weight
+    tile of columns kt + i*W .. + W, multiplied with those activations [BM, W]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
+    if slot < 0:
+        return
+    assign = tl.load(assign_ptr + pid_m * BM + tl.arange(0, BM))
+    m_mask = assign < num_assign
+    x_base = x_ptr + tl.where(m_mask, assign // x_row_div, 0)[:, None].to(tl.int64) * sx  # [BM, 1]
+    rows = tl.minimum(pid_n * BN + tl.arange(0, BN), N - 1)[None, :]  # [1, BN]
+    jw = tl.arange(0, W)
+    w_base = w_ptr + slot.to(tl.int64) * sw0 + rows * W + jw[:, None]  # [W, BN]
+    m_base = m_ptr + slot.to(tl.int64) * sm0 + rows * 2
+    C: tl.constexpr = 32 // BITS
+    GK: tl.constexpr = W * C
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(0, KT):
+        words = tl.load(w_base + t * sw1)
+        if GATE_UP:
+            words_up = tl.load(w_base + N * W + t * sw1)
+        for i in tl.static_range(C):
+            col = t * GK + i * W + jw[None, :]
+            a = tl.load(x_base + col, mask=m_mask[:, None] & (col < K), other=0.0)
+            g = (t * GK + i * W) // GROUP * sm1
+            acc = tl.dot(a, _dot_slot(a, words, m_base, g, BITS, i), acc)
+            if GATE_UP:
+                acc_up = tl.dot(a, _dot_slot(a, words_up, m_base + N * 2, g, BITS, i), acc_up)
+    cols = pid_n * BN + tl.arange(0, BN)
+    if GATE_UP:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if ROUTED_WEIGHT:
+        acc = acc * tl.load(routed_weight_ptr + assign, mask=m_mask, other=0.0)[:, None]
+    tl.store(out_ptr + assign[:, None].to(tl.int64) * so + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (cols < N)[None, :])
+
+
+def slots_per_group(tier: ServingTier) -> int:
+    """Code slots summed before a scale is applied: all of a tile's slots of one group when groups and tiles nest
+    (either divides the other), else one (a group boundary may fall after any slot)."""
+    c = 32 // tier.bits
+    gk = tier.words * c
+    G = tier.group_size
+    if gk % G == 0:
+        return G // tier.words
+    if G % gk == 0:
+        return c
+    return 1
+
+
+def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: ServingTier, x_row_div: int,
+                   block_m: int, routed_weight=None, gate_up: bool = False) -> None:
+    """kernels.grouped_expert_matmul for a ServingTier (same contract)."""
+    n_out = tier.out_features // 2 if gate_up else tier.out_features
+    w, meta = tier.weight, tier.scales
+    KT, W = w.shape[1], w.shape[3]
+    gk = W * 32 // tier.bits
+    rw = routed_weight if routed_weight is not None else x
+    common = (x, out, sorted_assign, block_expert, slot_of_expert, rw, w, meta, out.shape[0], x_row_div, n_out,
+              tier.in_features, KT, tier.group_size, slot_of_expert.shape[0], x.stride(0), out.stride(0),
+              w.stride(0), w.stride(1), meta.stride(0), meta.stride(1))
+    if block_m >= 16:
+        bn = SERVING_DOT_TILES["BN"]
+        _serving_dot_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
+            *common, BITS=tier.bits, W=W, GATE_UP=gate_up, ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn,
+            num_warps=SERVING_DOT_TILES["num_warps"], num_stages=SERVING_DOT_TILES["num_stages"])
+        return
+    tiles = SERVING_GEMV_TILES[block_m]
+    bn = tiles["BN"]
+    unroll = tiles["UNROLL"] if KT % tiles["UNROLL"] == 0 else 1
+    _serving_gemv_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
+        *common, BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
+        ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn, UNROLL=unroll, EVEN_K=KT * gk == tier.in_features,
+        num_warps=tiles["num_warps"])
