@@ -62,10 +62,11 @@ def test_serving_kernels_match_dequantised_reference(bits, zeros, group_size, pa
     gate_up, down, (q_gu, q_dn) = _quantized(bits, group_size, zeros, seed=bits + group_size)
     gu_tier, dn_tier = _tiers(q_gu, q_dn)
     ref_gu, ref_dn = dequantize(q_gu, DTYPE).float(), dequantize(q_dn, DTYPE).float()
-    mine = torch.arange(E) % 2 == 1
-    slots = torch.where(mine, torch.arange(E), -1).to(torch.int32).to(DEVICE)
     index, weights = _routing(T, k, seed=7 + bits)
     flat = index.flatten()
+    mine = torch.zeros(E, dtype=torch.bool)  # the experts of every other routed assignment
+    mine[flat[flat < E][::2]] = True
+    slots = torch.where(mine, torch.arange(E), -1).to(torch.int32).to(DEVICE)
     block_m = kernels.decode_block_m(T * k, E)
     sorted_assign, block_expert = align_assignments(index.to(DEVICE), E, block_m)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(11)).to(DTYPE)
