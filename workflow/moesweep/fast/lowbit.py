@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 import triton
@@ -42,9 +43,10 @@ from .kernels import ExpertTier, _block_slot
 
 log = logging.getLogger(__name__)
 
-# Whether moe.quantized_tier converts packed tiers to the serving layout (the lead flips it after the GPU run;
-# benchmarks/expert_kernels.py times both paths in one process).
-SERVING_LAYOUT = False
+# Whether moe.quantized_tier converts packed tiers to the serving layout. Off until the GPU run decides
+# (benchmarks/expert_kernels.py times both paths in one process); MOESWEEP_SERVING_LAYOUT=1 turns it on for a whole
+# process (benchmarks/fast_engine.py, the GPU tests) without editing this line.
+SERVING_LAYOUT = os.environ.get("MOESWEEP_SERVING_LAYOUT", "0") == "1"
 MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
 MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
 # GEMV tiles by rows per block: BN output rows per program, UNROLL tiles loaded before they are used, num_warps.
