@@ -54,7 +54,8 @@ E, H, I, TOP_K = 128, 2048, 768, 8  # config.json of Qwen/Qwen3-30B-A3B
 GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS: list[str] = []  # old GEMV tiles to sweep (BN,BK,num_warps); the engine's defaults are "old"
-DEFAULT_SERVING_CONFIGS = ["16,2,4", "64,1,4", "32,2,8", "32,1,2"]  # new kernel tiles: BN,UNROLL,num_warps
+# new kernel tiles: BN,UNROLL,num_warps[,num_stages]
+DEFAULT_SERVING_CONFIGS = ["32,2,4", "16,2,4", "32,4,4", "64,2,8", "16,4,2", "16,4,4,1"]
 DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 
@@ -178,7 +179,7 @@ def set_path(path):
             tiles.update(BN=path[1], BK=path[2], num_warps=path[3])
     if path[0] == "new" and len(path) > 1:
         for tiles in lowbit.SERVING_GEMV_TILES.values():
-            tiles.update(BN=path[1], UNROLL=path[2], num_warps=path[3])
+            tiles.update(BN=path[1], UNROLL=path[2], num_warps=path[3], num_stages=path[4] if len(path) > 4 else 3)
 
 
 def path_name(path) -> str:
@@ -193,7 +194,7 @@ def config_name(path) -> str:
     if len(path) == 1:
         tiles = lowbit.SERVING_GEMV_TILES if path[0] == "new" else None
         return "default" if tiles is None else "default " + "/".join(
-            f"{t['BN']},{t['UNROLL']},{t['num_warps']}" for bm, t in sorted(tiles.items()) if bm <= 4)
+            f"{t['BN']},{t['UNROLL']},{t['num_warps']},{t['num_stages']}" for bm, t in sorted(tiles.items()) if bm <= 4)
     return ", ".join(str(v) for v in path[1:])
 
 
@@ -247,7 +248,14 @@ def main(argv=None):
                         if (path[0] == "new") != serving:
                             continue
                         set_path(path)
-                        us, y, block_m = measure(experts, routes, args.calls, args.repeats)
+                        try:
+                            us, y, block_m = measure(experts, routes, args.calls, args.repeats)
+                        except Exception as err:  # one config failing (compile, resources) must not lose the rest
+                            print(f"T={T} {width_name(bits)} {path_name(path)} {config_name(path)}: failed "
+                                  f"({type(err).__name__}: {str(err)[:200]})", flush=True)
+                            if path == ("old",):
+                                break
+                            continue
                         if path == ("old",):
                             y_old = y
                         row = dict(T=T, bits=bits, path=path, config=config_name(path), us=us, block_m=block_m,
@@ -417,7 +425,7 @@ def write_table(args, bandwidth, l2, rows, peer, final=False):
              f"zeros (stored); the serving layout is made from them at load.",
              "- GB/s = bytes of the distinct routed experts / time; % copy = against the copy bandwidth. × bf16 = "
              "bf16 old µs / this µs; × old = this width's old µs / this µs. Config: old = the engine's rules; new = "
-             "BN,UNROLL,num_warps (default: for blocks of 1/2/4 rows).", "",
+             "BN,UNROLL,num_warps[,num_stages] (default: for blocks of 1/2/4 rows).", "",
              "| T | width | path | config | BM | µs / layer | distinct experts | MB read | GB/s | % copy | × bf16 | "
              "× old | rel. diff vs old | C |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     us_of = {(r["T"], r["bits"], r["path"]): r["us"] for r in rows}

@@ -49,11 +49,15 @@ log = logging.getLogger(__name__)
 SERVING_LAYOUT = os.environ.get("MOESWEEP_SERVING_LAYOUT", "0") == "1"
 MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
 MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
-# GEMV tiles by rows per block: BN output rows per program, UNROLL tiles loaded before they are used, num_warps.
+# GEMV tiles by rows per block: BN output rows per program, UNROLL tiles loaded before they are used (1, 2 or 4; the
+# largest dividing KT is taken), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default).
 # Unmeasured first choice (benchmarks/expert_kernels.py sweeps them): at batch 1 a layer has 8 live blocks, so
-# gate_up (768 rows) with BN 32 gives 192 programs and down (2048 rows) 512 on 132 SMs.
-SERVING_GEMV_TILES = {1: {"BN": 32, "UNROLL": 2, "num_warps": 4}, 2: {"BN": 32, "UNROLL": 2, "num_warps": 4},
-                      4: {"BN": 32, "UNROLL": 1, "num_warps": 4}, 8: {"BN": 16, "UNROLL": 1, "num_warps": 4}}
+# gate_up (768 rows) with BN 16 gives 384 programs and down (2048 rows) 1024 on 132 SMs, each with 2 x 4 KB (int4)
+# of words in flight per iteration.
+SERVING_GEMV_TILES = {1: {"BN": 16, "UNROLL": 4, "num_warps": 4, "num_stages": 3},
+                      2: {"BN": 32, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+                      4: {"BN": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3},
+                      8: {"BN": 16, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
 SERVING_DOT_TILES = {"BN": 32, "num_warps": 4, "num_stages": 3}
 _logged: set[str] = set()
 
@@ -217,6 +221,8 @@ def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr,
     acc_up = tl.zeros((BM, BN, W), dtype=tl.float32)
     GK: tl.constexpr = W * (32 // BITS)
     for t0 in range(0, KT, UNROLL):
+        # all UNROLL tiles' words in flight before the first is unpacked (a program's K loop is only KT <= 8
+        # iterations at these shapes: each round trip to memory not overlapped is a large part of its time)
         w0 = tl.load(w_base + t0 * sw1)
         w0u = w0
         if GATE_UP:
@@ -226,10 +232,23 @@ def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr,
             w1u = w1
             if GATE_UP:
                 w1u = tl.load(up_base + (t0 + 1) * sw1)
+        if UNROLL >= 4:
+            w2 = tl.load(w_base + (t0 + 2) * sw1)
+            w3 = tl.load(w_base + (t0 + 3) * sw1)
+            w2u = w2
+            w3u = w3
+            if GATE_UP:
+                w2u = tl.load(up_base + (t0 + 2) * sw1)
+                w3u = tl.load(up_base + (t0 + 3) * sw1)
         acc, acc_up = _tile_gemv(acc, acc_up, w0, w0u, x_base, m_base, m_up, t0 * GK, K, GROUP, sm1,
                                  BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 2:
             acc, acc_up = _tile_gemv(acc, acc_up, w1, w1u, x_base, m_base, m_up, (t0 + 1) * GK, K, GROUP, sm1,
+                                     BITS, W, SPG, GATE_UP, EVEN_K)
+        if UNROLL >= 4:
+            acc, acc_up = _tile_gemv(acc, acc_up, w2, w2u, x_base, m_base, m_up, (t0 + 2) * GK, K, GROUP, sm1,
+                                     BITS, W, SPG, GATE_UP, EVEN_K)
+            acc, acc_up = _tile_gemv(acc, acc_up, w3, w3u, x_base, m_base, m_up, (t0 + 3) * GK, K, GROUP, sm1,
                                      BITS, W, SPG, GATE_UP, EVEN_K)
     acc = tl.sum(acc, axis=2)  # [BM, BN]
     cols = pid_n * BN + tl.arange(0, BN)
@@ -323,8 +342,8 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
         return
     tiles = SERVING_GEMV_TILES[block_m]
     bn = tiles["BN"]
-    unroll = tiles["UNROLL"] if KT % tiles["UNROLL"] == 0 else 1
+    unroll = next(u for u in (4, 2, 1) if u <= tiles["UNROLL"] and KT % u == 0)
     _serving_gemv_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
         *common, BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
         ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn, UNROLL=unroll, EVEN_K=KT * gk == tier.in_features,
-        num_warps=tiles["num_warps"])
+        num_warps=tiles["num_warps"], num_stages=tiles.get("num_stages", 3))
