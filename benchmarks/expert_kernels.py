@@ -260,7 +260,7 @@ def main(argv=None):
                             y_old = y
                         row = dict(T=T, bits=bits, path=path, config=config_name(path), us=us, block_m=block_m,
                                    distinct=distinct, bytes=per_call, copies=copies,
-                                   diff=float((y - y_old).norm() / y_old.norm()))
+                                   diff=float((y - y_old).norm() / y_old.norm()) if y_old is not None else float("nan"))
                         rows.append(row)
                         print(f"T={T} {width_name(bits)} {path_name(path)} {row['config']}: {us:.1f} µs (BM {block_m}, "
                               f"{per_call / us / 1e3:.0f} GB/s, rel. diff vs old {row['diff']:.1e})", flush=True)

@@ -122,15 +122,18 @@ def serving_layout(tier: ExpertTier, chunk: int = 8) -> ExpertTier:
     KT = -(-K // gk)
     NG = -(-(KT * gk) // G)  # groups of the padded K (the extra ones have scale 0)
     device = tier.weight.device
+    # host tiers (pools' pinned high versions) are rearranged on the GPU when there is one: seconds per layer on
+    # the CPU, for 48 layers
+    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
     words = torch.empty(S, KT, N, W, dtype=torch.int32, device=device)
-    shifts = torch.arange(c, device=device, dtype=torch.int64) * bits
+    shifts = torch.arange(c, device=work, dtype=torch.int64) * bits
     for s0 in range(0, S, chunk):  # bound the unpacked temporaries (int64: 8 bytes a code)
-        codes = _unpack(tier.weight[s0:s0 + chunk], bits, K)
+        codes = _unpack(tier.weight[s0:s0 + chunk].to(work), bits, K)
         codes = torch.nn.functional.pad(codes, (0, KT * gk - K)).reshape(-1, N, KT, c, W).to(torch.int64)
         word = (codes << shifts[:, None]).sum(3)  # [s, N, KT, W], the word's value as an unsigned 32-bit number
         # the low half of each int64 (little endian) is the word's bit pattern as int32
         word = word.contiguous().view(torch.int32)[..., 0::2]
-        words[s0:s0 + chunk] = word.permute(0, 2, 1, 3)
+        words[s0:s0 + chunk] = word.permute(0, 2, 1, 3).to(device)
     scales = tier.scales.to(torch.float16)
     zeros = (torch.full_like(scales, float(1 << (bits - 1))) if tier.zeros is None else tier.zeros.to(torch.float16))
     meta = torch.stack([scales, zeros], -1)  # [S, N, n_groups, 2]
