@@ -55,7 +55,7 @@ GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS: list[str] = []  # old GEMV tiles to sweep (BN,BK,num_warps); the engine's defaults are "old"
 # new kernel tiles: BN,UNROLL,num_warps[,num_stages]
-DEFAULT_SERVING_CONFIGS = ["32,2,4", "16,2,4", "32,4,4", "64,2,8", "16,4,2", "16,4,4,1"]
+DEFAULT_SERVING_CONFIGS = ["32,2,4", "32,4,4", "64,4,4", "128,2,8", "128,2,4", "64,2,4,1"]
 DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 
@@ -425,7 +425,8 @@ def write_table(args, bandwidth, l2, rows, peer, final=False):
              f"zeros (stored); the serving layout is made from them at load.",
              "- GB/s = bytes of the distinct routed experts / time; % copy = against the copy bandwidth. × bf16 = "
              "bf16 old µs / this µs; × old = this width's old µs / this µs. Config: old = the engine's rules; new = "
-             "BN,UNROLL,num_warps[,num_stages] (default: for blocks of 1/2/4 rows).", "",
+             "BN,UNROLL,num_warps[,num_stages] (BN weight rows a program: gate_up BN / 2 columns of gate and "
+             "up; default: for blocks of 1/2/4 rows).", "",
              "| T | width | path | config | BM | µs / layer | distinct experts | MB read | GB/s | % copy | × bf16 | "
              "× old | rel. diff vs old | C |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     us_of = {(r["T"], r["bits"], r["path"]): r["us"] for r in rows}

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from test_fast_kernels import DEVICE, DTYPE, E, H, I, TOL, _quantized, _reference, _relative, _routing, _run  # noqa: E402
+from test_fast_kernels import (DEVICE, DTYPE, E, H, I, TOL, _quantized, _reference, _relative,  # noqa: E402
+                               _routing, _run)
 
 from moesweep.fast import kernels, lowbit  # noqa: E402
 from moesweep.fast.kernels import align_assignments, grouped_expert_matmul  # noqa: E402

@@ -49,15 +49,17 @@ log = logging.getLogger(__name__)
 SERVING_LAYOUT = os.environ.get("MOESWEEP_SERVING_LAYOUT", "0") == "1"
 MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
 MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
-# GEMV tiles by rows per block: BN output rows per program, UNROLL tiles loaded before they are used (1, 2 or 4; the
+# GEMV tiles by rows per block: BN weight rows per program (gate_up: BN / 2 output columns, each reading a gate and
+# an up row, so both launches' programs read equal bytes), UNROLL tiles loaded before they are used (1, 2 or 4; the
 # largest dividing KT is taken), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default).
-# Unmeasured first choice (benchmarks/expert_kernels.py sweeps them): at batch 1 a layer has 8 live blocks, so
-# gate_up (768 rows) with BN 16 gives 384 programs and down (2048 rows) 1024 on 132 SMs, each with 2 x 4 KB (int4)
-# of words in flight per iteration.
-SERVING_GEMV_TILES = {1: {"BN": 16, "UNROLL": 4, "num_warps": 4, "num_stages": 3},
-                      2: {"BN": 32, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+# Unmeasured first choice (benchmarks/expert_kernels.py sweeps them). A thread holds BN * W / (32 * num_warps)
+# words of one column set, and the activations it converts and sums per code slot serve all of its rows: BN 64
+# with 4 warps gives 4 rows a thread (down) while batch 1 still has 8 experts x 2048 / 64 = 256 down programs and
+# 8 x 768 / 32 = 192 gate_up programs on 132 SMs.
+SERVING_GEMV_TILES = {1: {"BN": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+                      2: {"BN": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
                       4: {"BN": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3},
-                      8: {"BN": 16, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
+                      8: {"BN": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
 SERVING_DOT_TILES = {"BN": 32, "num_warps": 4, "num_stages": 3}
 _logged: set[str] = set()
 
@@ -344,7 +346,7 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
             num_warps=SERVING_DOT_TILES["num_warps"], num_stages=SERVING_DOT_TILES["num_stages"])
         return
     tiles = SERVING_GEMV_TILES[block_m]
-    bn = tiles["BN"]
+    bn = max(8, tiles["BN"] // 2) if gate_up else tiles["BN"]
     unroll = next(u for u in (4, 2, 1) if u <= tiles["UNROLL"] and KT % u == 0)
     _serving_gemv_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
         *common, BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
