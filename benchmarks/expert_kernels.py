@@ -55,7 +55,7 @@ GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS: list[str] = []  # old GEMV tiles to sweep (BN,BK,num_warps); the engine's defaults are "old"
 # new kernel tiles: BN,UNROLL,num_warps[,num_stages]
-DEFAULT_SERVING_CONFIGS = ["32,2,4", "32,4,4", "64,4,4", "128,2,8", "128,2,4", "64,2,4,1"]
+DEFAULT_SERVING_CONFIGS = ["32,2,4", "64,4,4", "128,2,8"]
 DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 

@@ -50,8 +50,8 @@ SERVING_LAYOUT = os.environ.get("MOESWEEP_SERVING_LAYOUT", "0") == "1"
 MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
 MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
 # GEMV tiles by rows per block: BN weight rows per program (gate_up: BN / 2 output columns, each reading a gate and
-# an up row, so both launches' programs read equal bytes), UNROLL tiles loaded before they are used (1, 2 or 4; the
-# largest dividing KT is taken), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default).
+# an up row, so both launches' programs read equal bytes), UNROLL tiles loaded before they are used (1 to 4;
+# serving_matmul adapts it to the row's KT tiles), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default).
 # Unmeasured first choice (benchmarks/expert_kernels.py sweeps them). A thread holds BN * W / (32 * num_warps)
 # words of one column set, and the activations it converts and sums per code slot serve all of its rows: BN 64
 # with 4 warps gives 4 rows a thread (down) while batch 1 still has 8 experts x 2048 / 64 = 256 down programs and
@@ -166,9 +166,11 @@ def _scale_pair(m_ptr, g, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP, sm1,
+def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP, NG, sm1,
                BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr, EVEN_K: tl.constexpr):
-    """One tile of GK = W * C columns: acc [BM, BN, W] += the tile's products (see the module docstring)."""
+    """One tile of GK = W * C columns: acc [BM, BN, W] += the tile's products (see the module docstring). Without
+    EVEN_K the tile may lie past K (the last iteration's spare tiles): its activations are 0 and its group index is
+    clamped, so it adds 0."""
     C: tl.constexpr = 32 // BITS
     j = tl.arange(0, W)[None, None, :]
     for i in tl.static_range(C):
@@ -189,7 +191,10 @@ def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP,
             if GATE_UP:
                 t_up += _magic(words_up, i, BITS) * a
         if (i + 1) % SPG == 0:  # the last slot of a scale group: fold in its scale and zero
-            g = (kt + (i + 1 - SPG) * W) // GROUP * sm1
+            g = (kt + (i + 1 - SPG) * W) // GROUP
+            if not EVEN_K:
+                g = tl.minimum(g, NG - 1)
+            g = g * sm1
             s2, c = _scale_pair(m_base, g, BITS)  # [1, BN, 1]
             acc += s2 * t - c * b
             if GATE_UP:
@@ -199,16 +204,28 @@ def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP,
 
 
 @triton.jit
+def _tile_words(w_base, up_base, t, KT, sw1, GATE_UP: tl.constexpr, EVEN_K: tl.constexpr):
+    """Tile t's words [1, BN, W] (and the up rows' for gate_up); t past KT reads tile KT - 1 (never used)."""
+    if not EVEN_K:
+        t = tl.minimum(t, KT - 1)
+    w = tl.load(w_base + t * sw1)
+    w_up = w
+    if GATE_UP:
+        w_up = tl.load(up_base + t * sw1)
+    return w, w_up
+
+
+@triton.jit
 def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr, m_ptr,
-                         num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1,
+                         num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1, NG,
                          BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr,
                          ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
                          EVEN_K: tl.constexpr):
     """Blocks of BM < 16 rows (decode) over the serving layout, same arguments and semantics as
-    kernels._grouped_expert_gemv_kernel. Every weight word is loaded once per program and unpacked once for all
-    BM rows; products accumulate elementwise in [BM, BN, W] float32 and are summed over W after the loop. UNROLL
-    tiles' words are loaded before the first is used (KT is a multiple of UNROLL). Rows past N and padding rows
-    read valid rows (N - 1, activations row 0); their results are never stored."""
+    kernels._grouped_expert_gemv_kernel (plus NG, the layout's groups). Every weight word is loaded once per
+    program and unpacked once for all BM rows; products accumulate elementwise in [BM, BN, W] float32 and are
+    summed over W after the loop. UNROLL tiles' words are loaded before the first is used. Rows past N and padding
+    rows read valid rows (N - 1, activations row 0); their results are never stored."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
@@ -227,33 +244,25 @@ def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr,
     GK: tl.constexpr = W * (32 // BITS)
     for t0 in range(0, KT, UNROLL):
         # all UNROLL tiles' words in flight before the first is unpacked (a program's K loop is only KT <= 8
-        # iterations at these shapes: each round trip to memory not overlapped is a large part of its time)
-        w0 = tl.load(w_base + t0 * sw1)
-        w0u = w0
-        if GATE_UP:
-            w0u = tl.load(up_base + t0 * sw1)
+        # iterations at these shapes: each round trip to memory not overlapped is a large part of its time).
+        # Without EVEN_K the last iteration's tiles past KT re-read tile KT - 1 and add 0 (_tile_gemv).
+        w0, w0u = _tile_words(w_base, up_base, t0, KT, sw1, GATE_UP, EVEN_K)
         if UNROLL >= 2:
-            w1 = tl.load(w_base + (t0 + 1) * sw1)
-            w1u = w1
-            if GATE_UP:
-                w1u = tl.load(up_base + (t0 + 1) * sw1)
+            w1, w1u = _tile_words(w_base, up_base, t0 + 1, KT, sw1, GATE_UP, EVEN_K)
+        if UNROLL >= 3:
+            w2, w2u = _tile_words(w_base, up_base, t0 + 2, KT, sw1, GATE_UP, EVEN_K)
         if UNROLL >= 4:
-            w2 = tl.load(w_base + (t0 + 2) * sw1)
-            w3 = tl.load(w_base + (t0 + 3) * sw1)
-            w2u = w2
-            w3u = w3
-            if GATE_UP:
-                w2u = tl.load(up_base + (t0 + 2) * sw1)
-                w3u = tl.load(up_base + (t0 + 3) * sw1)
-        acc, acc_up = _tile_gemv(acc, acc_up, w0, w0u, x_base, m_base, m_up, t0 * GK, K, GROUP, sm1,
+            w3, w3u = _tile_words(w_base, up_base, t0 + 3, KT, sw1, GATE_UP, EVEN_K)
+        acc, acc_up = _tile_gemv(acc, acc_up, w0, w0u, x_base, m_base, m_up, t0 * GK, K, GROUP, NG, sm1,
                                  BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 2:
-            acc, acc_up = _tile_gemv(acc, acc_up, w1, w1u, x_base, m_base, m_up, (t0 + 1) * GK, K, GROUP, sm1,
+            acc, acc_up = _tile_gemv(acc, acc_up, w1, w1u, x_base, m_base, m_up, (t0 + 1) * GK, K, GROUP, NG, sm1,
+                                     BITS, W, SPG, GATE_UP, EVEN_K)
+        if UNROLL >= 3:
+            acc, acc_up = _tile_gemv(acc, acc_up, w2, w2u, x_base, m_base, m_up, (t0 + 2) * GK, K, GROUP, NG, sm1,
                                      BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 4:
-            acc, acc_up = _tile_gemv(acc, acc_up, w2, w2u, x_base, m_base, m_up, (t0 + 2) * GK, K, GROUP, sm1,
-                                     BITS, W, SPG, GATE_UP, EVEN_K)
-            acc, acc_up = _tile_gemv(acc, acc_up, w3, w3u, x_base, m_base, m_up, (t0 + 3) * GK, K, GROUP, sm1,
+            acc, acc_up = _tile_gemv(acc, acc_up, w3, w3u, x_base, m_base, m_up, (t0 + 3) * GK, K, GROUP, NG, sm1,
                                      BITS, W, SPG, GATE_UP, EVEN_K)
     acc = tl.sum(acc, axis=2)  # [BM, BN]
     cols = pid_n * BN + tl.arange(0, BN)
@@ -345,10 +354,15 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
             *common, BITS=tier.bits, W=W, GATE_UP=gate_up, ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn,
             num_warps=SERVING_DOT_TILES["num_warps"], num_stages=SERVING_DOT_TILES["num_stages"])
         return
-    tiles = SERVING_GEMV_TILES[block_m]
+    tiles = SERVING_GEMV_TILES[max(bm for bm in SERVING_GEMV_TILES if bm <= block_m)]
     bn = max(8, tiles["BN"] // 2) if gate_up else tiles["BN"]
-    unroll = next(u for u in (4, 2, 1) if u <= tiles["UNROLL"] and KT % u == 0)
+    # UNROLL tiles per iteration, at most KT; a short row (KT <= 4) that UNROLL does not divide takes all its tiles in
+    # one iteration (down at K 768 is 3 tiles), a longer one a last iteration with spare tiles
+    unroll = min(tiles["UNROLL"], KT)
+    if KT % unroll and KT <= 4:
+        unroll = KT
     _serving_gemv_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
-        *common, BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
-        ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn, UNROLL=unroll, EVEN_K=KT * gk == tier.in_features,
+        *common, meta.shape[1], BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
+        ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn, UNROLL=unroll,
+        EVEN_K=KT * gk == tier.in_features and KT % unroll == 0,
         num_warps=tiles["num_warps"], num_stages=tiles.get("num_stages", 3))
