@@ -98,7 +98,7 @@ def test_serving_kernels_match_dequantised_reference(bits, zeros, group_size, pa
 def test_unrolled_k_loop_matches_reference(bits, group_size, zeros, hidden, unroll, monkeypatch):
     """gate_up's K = hidden is 4 tiles of 16 words a row: UNROLL tiles loaded per iteration (3: a last iteration
     with 2 spare tiles past K), blocks of 1 and 2 rows."""
-    monkeypatch.setattr(lowbit, "MAX_WORDS", 16)  # more tiles on a K the interpreter runs quickly
+    monkeypatch.setattr(lowbit, "MAX_WORDS", {b: 16 for b in (8, 4, 2)})  # more tiles on a K the interpreter runs fast
     for bm in (1, 2):
         monkeypatch.setitem(lowbit.SERVING_GEMV_TILES, bm, {"BN": 16, "UNROLL": unroll, "num_warps": 4})
     monkeypatch.setattr(lowbit, "SERVING_LAYOUT", True)

@@ -47,19 +47,23 @@ log = logging.getLogger(__name__)
 # (benchmarks/expert_kernels.py times both paths in one process); MOESWEEP_SERVING_LAYOUT=1 turns it on for a whole
 # process (benchmarks/fast_engine.py, the GPU tests) without editing this line.
 SERVING_LAYOUT = os.environ.get("MOESWEEP_SERVING_LAYOUT", "0") == "1"
-MAX_WORDS = 32  # words per row and tile at most (int4: 256 columns, 128 bytes a row)
+# Words per row and tile at most, by width. Fewer words a tile put more rows on a thread (its converted activations
+# serve them all) and, for groups of 128, one scale flush per tile at int4: the K loop's sm_90 SASS (compiled ahead
+# of time, no GPU) took 4.7 instructions per int4 weight at 16 words against 6.1 at 32; int8 was better at 32 (5.2
+# vs 5.7: with 4 codes a word, 16 words are a 64-column tile and two flushes per group of 128).
+MAX_WORDS = {8: 32, 4: 16, 2: 16}
 MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W contiguous columns)
-# GEMV tiles by rows per block: BN weight rows per program (gate_up: BN / 2 output columns, each reading a gate and
-# an up row, so both launches' programs read equal bytes), UNROLL tiles loaded before they are used (1 to 4;
-# serving_matmul adapts it to the row's KT tiles), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default).
-# Unmeasured first choice (benchmarks/expert_kernels.py sweeps them). A thread holds BN * W / (32 * num_warps)
-# words of one column set, and the activations it converts and sums per code slot serve all of its rows: BN 64
-# with 4 warps gives 4 rows a thread (down) while batch 1 still has 8 experts x 2048 / 64 = 256 down programs and
-# 8 x 768 / 32 = 192 gate_up programs on 132 SMs.
-SERVING_GEMV_TILES = {1: {"BN": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
-                      2: {"BN": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
-                      4: {"BN": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3},
-                      8: {"BN": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
+# GEMV tiles by rows per block: BN weight rows per program (BN_GATE_UP for gate_up, whose programs read a gate and an
+# up row per output column), UNROLL tiles loaded before they are used (1 to 4; serving_matmul adapts it to the row's
+# KT tiles), num_warps, num_stages (Triton's software pipelining of the K loop; 3 = its default). First choice from
+# the sm_90 SASS of the K loop (instructions per weight, compiled without a GPU), not from timings; the benchmark
+# sweeps them: 64 rows at 16 words and 4 warps = 2 rows and 8 words a thread (int4 4.7 instructions a weight for
+# gate_up, 5.5 for down; 128 rows: 6.8 for down). At batch 1 a layer has 8 live blocks: gate_up at BN 32 gives
+# 8 x 768 / 32 = 192 programs on 132 SMs (BN 64: 96, under one wave), down at BN 64 8 x 2048 / 64 = 256.
+SERVING_GEMV_TILES = {1: {"BN": 64, "BN_GATE_UP": 32, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+                      2: {"BN": 64, "BN_GATE_UP": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+                      4: {"BN": 32, "BN_GATE_UP": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3},
+                      8: {"BN": 32, "BN_GATE_UP": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
 SERVING_DOT_TILES = {"BN": 32, "num_warps": 4, "num_stages": 3}
 _logged: set[str] = set()
 
@@ -82,7 +86,7 @@ def serving_words(bits: int, in_features: int, group_size: int) -> int | None:
     """W for this shape: a power of two in [MIN_WORDS, MAX_WORDS] dividing the group size, the largest whose tile
     divides K (no padding), else the smallest (least padding); None when no W divides the group size."""
     c = 32 // bits
-    cands = [w for w in (64, 32, 16, 8, 4, 2, 1) if MIN_WORDS <= w <= MAX_WORDS and group_size % w == 0]
+    cands = [w for w in (64, 32, 16, 8, 4, 2, 1) if MIN_WORDS <= w <= MAX_WORDS[bits] and group_size % w == 0]
     if not cands:
         return None
     exact = [w for w in cands if in_features % (w * c) == 0]
@@ -145,16 +149,18 @@ def serving_layout(tier: ExpertTier, chunk: int = 8) -> ExpertTier:
 
 
 @triton.jit
-def _magic(words, SLOT: tl.constexpr, BITS: tl.constexpr):
+def _magic(words, code_mask, SLOT: tl.constexpr, BITS: tl.constexpr):
     """Code slot SLOT of every word as the float32 1 + q * 2**-BITS, exactly: the code moved to the top of the
-    mantissa (one shift) and or-ed with the exponent of 1.0 (one and/or). Arithmetic right shifts are fine: the
-    sign bits land above the mask."""
+    mantissa (one shift) and or-ed with the exponent of 1.0 (one and/or, a single LOP3). code_mask = the code's
+    bits there, ((1 << BITS) - 1) << (23 - BITS), passed as an argument so that it stays in a register: as a
+    constant, ptxas rematerialised it with a MOV before every LOP3 (which takes one immediate), half an
+    instruction per weight (sm_90 SASS). Arithmetic right shifts are fine: the sign bits land above the mask."""
     TOP: tl.constexpr = 23 - BITS
     if SLOT * BITS <= TOP:
         v = words << (TOP - SLOT * BITS)
     else:
         v = words >> (SLOT * BITS - TOP)
-    return ((v & (((1 << BITS) - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((v & code_mask) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -166,7 +172,7 @@ def _scale_pair(m_ptr, g, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP, NG, sm1,
+def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP, NG, sm1, code_mask,
                BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr, EVEN_K: tl.constexpr):
     """One tile of GK = W * C columns: acc [BM, BN, W] += the tile's products (see the module docstring). Without
     EVEN_K the tile may lie past K (the last iteration's spare tiles): its activations are 0 and its group index is
@@ -179,17 +185,17 @@ def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP,
             a = tl.load(x_base + col).to(tl.float32)  # [BM, 1, W]
         else:
             a = tl.load(x_base + col, mask=col < K, other=0.0).to(tl.float32)
-        f = _magic(words, i, BITS)  # [1, BN, W]
+        f = _magic(words, code_mask, i, BITS)  # [1, BN, W]
         if i % SPG == 0:
             t = f * a
             b = a
             if GATE_UP:
-                t_up = _magic(words_up, i, BITS) * a
+                t_up = _magic(words_up, code_mask, i, BITS) * a
         else:
             t += f * a
             b += a
             if GATE_UP:
-                t_up += _magic(words_up, i, BITS) * a
+                t_up += _magic(words_up, code_mask, i, BITS) * a
         if (i + 1) % SPG == 0:  # the last slot of a scale group: fold in its scale and zero
             g = (kt + (i + 1 - SPG) * W) // GROUP
             if not EVEN_K:
@@ -217,7 +223,8 @@ def _tile_words(w_base, up_base, t, KT, sw1, GATE_UP: tl.constexpr, EVEN_K: tl.c
 
 @triton.jit
 def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr, m_ptr,
-                         num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1, NG,
+                         num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1, code_mask,
+                         NG,
                          BITS: tl.constexpr, W: tl.constexpr, SPG: tl.constexpr, GATE_UP: tl.constexpr,
                          ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
                          EVEN_K: tl.constexpr):
@@ -254,16 +261,16 @@ def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr,
         if UNROLL >= 4:
             w3, w3u = _tile_words(w_base, up_base, t0 + 3, KT, sw1, GATE_UP, EVEN_K)
         acc, acc_up = _tile_gemv(acc, acc_up, w0, w0u, x_base, m_base, m_up, t0 * GK, K, GROUP, NG, sm1,
-                                 BITS, W, SPG, GATE_UP, EVEN_K)
+                                 code_mask, BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 2:
             acc, acc_up = _tile_gemv(acc, acc_up, w1, w1u, x_base, m_base, m_up, (t0 + 1) * GK, K, GROUP, NG, sm1,
-                                     BITS, W, SPG, GATE_UP, EVEN_K)
+                                     code_mask, BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 3:
             acc, acc_up = _tile_gemv(acc, acc_up, w2, w2u, x_base, m_base, m_up, (t0 + 2) * GK, K, GROUP, NG, sm1,
-                                     BITS, W, SPG, GATE_UP, EVEN_K)
+                                     code_mask, BITS, W, SPG, GATE_UP, EVEN_K)
         if UNROLL >= 4:
             acc, acc_up = _tile_gemv(acc, acc_up, w3, w3u, x_base, m_base, m_up, (t0 + 3) * GK, K, GROUP, NG, sm1,
-                                     BITS, W, SPG, GATE_UP, EVEN_K)
+                                     code_mask, BITS, W, SPG, GATE_UP, EVEN_K)
     acc = tl.sum(acc, axis=2)  # [BM, BN]
     cols = pid_n * BN + tl.arange(0, BN)
     if GATE_UP:
@@ -275,15 +282,15 @@ def _serving_gemv_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr,
 
 
 @triton.jit
-def _dot_slot(a, words, m_base, g, BITS: tl.constexpr, SLOT: tl.constexpr):
+def _dot_slot(a, words, code_mask, m_base, g, BITS: tl.constexpr, SLOT: tl.constexpr):
     """Code slot SLOT of a [W, BN] words tile dequantised to a's dtype: fma(f, s * 2**b, -s * (2**b + z))."""
     s2, c = _scale_pair(m_base, g, BITS)  # [1, BN]
-    return (_magic(words, SLOT, BITS) * s2 - c).to(a.dtype)
+    return (_magic(words, code_mask, SLOT, BITS) * s2 - c).to(a.dtype)
 
 
 @triton.jit
 def _serving_dot_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, routed_weight_ptr, w_ptr, m_ptr,
-                        num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1,
+                        num_assign, x_row_div, N, K, KT, GROUP, num_experts, sx, so, sw0, sw1, sm0, sm1, code_mask,
                         BITS: tl.constexpr, W: tl.constexpr, GATE_UP: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr):
     """Prefill blocks (BM >= 16) over the serving layout with tl.dot: code slot i of a tile is the [W, BN] weight
@@ -312,9 +319,9 @@ def _serving_dot_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr, slot_ptr, 
             col = t * GK + i * W + jw[None, :]
             a = tl.load(x_base + col, mask=m_mask[:, None] & (col < K), other=0.0)
             g = (t * GK + i * W) // GROUP * sm1
-            acc = tl.dot(a, _dot_slot(a, words, m_base, g, BITS, i), acc)
+            acc = tl.dot(a, _dot_slot(a, words, code_mask, m_base, g, BITS, i), acc)
             if GATE_UP:
-                acc_up = tl.dot(a, _dot_slot(a, words_up, m_base + N * 2, g, BITS, i), acc_up)
+                acc_up = tl.dot(a, _dot_slot(a, words_up, code_mask, m_base + N * 2, g, BITS, i), acc_up)
     cols = pid_n * BN + tl.arange(0, BN)
     if GATE_UP:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
@@ -347,7 +354,8 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
     rw = routed_weight if routed_weight is not None else x
     common = (x, out, sorted_assign, block_expert, slot_of_expert, rw, w, meta, out.shape[0], x_row_div, n_out,
               tier.in_features, KT, tier.group_size, slot_of_expert.shape[0], x.stride(0), out.stride(0),
-              w.stride(0), w.stride(1), meta.stride(0), meta.stride(1))
+              w.stride(0), w.stride(1), meta.stride(0), meta.stride(1),
+              ((1 << tier.bits) - 1) << (23 - tier.bits))  # code_mask (_magic)
     if block_m >= 16:
         bn = SERVING_DOT_TILES["BN"]
         _serving_dot_kernel[(block_expert.shape[0], triton.cdiv(n_out, bn))](
@@ -355,7 +363,7 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
             num_warps=SERVING_DOT_TILES["num_warps"], num_stages=SERVING_DOT_TILES["num_stages"])
         return
     tiles = SERVING_GEMV_TILES[max(bm for bm in SERVING_GEMV_TILES if bm <= block_m)]
-    bn = max(8, tiles["BN"] // 2) if gate_up else tiles["BN"]
+    bn = tiles.get("BN_GATE_UP", tiles["BN"]) if gate_up else tiles["BN"]
     # UNROLL tiles per iteration, at most KT; a short row (KT <= 4) that UNROLL does not divide takes all its tiles in
     # one iteration (down at K 768 is 3 tiles), a longer one a last iteration with spare tiles
     unroll = min(tiles["UNROLL"], KT)
