@@ -23,6 +23,9 @@ Two kernels, chosen per launch by the block size (`decode_block_m`, one value fo
 sized blocks (BM 16, 64) take `_grouped_expert_kernel` (tl.dot); decode blocks of 1, 2 or 4 rows take
 `_grouped_expert_gemv_kernel`, which multiplies without tl.dot (whose 16-row minimum made 15 of 16 rows padding at
 batch 1) and reads the same formats, with the same semantics.
+
+Packed tiers converted to fast/lowbit.py's serving layout (lowbit.SERVING_LAYOUT, made once at load) take lowbit's
+kernels instead: grouped_expert_matmul dispatches on the tier's type (lowbit.ServingTier).
 """
 from __future__ import annotations
 
