@@ -55,7 +55,7 @@ GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS: list[str] = []  # old GEMV tiles to sweep (BN,BK,num_warps); the engine's defaults are "old"
 # new kernel tiles: BN,UNROLL,num_warps[,num_stages[,BN_GATE_UP]] (BN_GATE_UP defaults to BN)
-DEFAULT_SERVING_CONFIGS = ["64,2,4", "32,2,4", "64,4,4,3,32", "64,2,8,3,32"]
+DEFAULT_SERVING_CONFIGS = ["64,2,4", "64,4,4,3,32", "32,2,4,1"]
 DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 

@@ -58,6 +58,8 @@ def test_serving_layout_round_trips_the_codes():
 def test_serving_kernels_match_dequantised_reference(bits, zeros, group_size, path, monkeypatch):
     """Each launch alone (gate_up, then down) on one tier serving half the experts, outputs prefilled with NaN: every
     routed row of those experts holds its result, rows of dropped assignments and other experts stay untouched."""
+    if DEVICE == "cuda" and path in ("bm4", "dot-bm16") and group_size in (64, 16):
+        pytest.skip("GPU compile time: blocks of 1 and 2 rows cover this group size, 4 and 16 rows groups 32 and -1")
     T, k, forced = PATHS[path]
     monkeypatch.setattr(kernels, "FORCE_BLOCK_M", forced)
     gate_up, down, (q_gu, q_dn) = _quantized(bits, group_size, zeros, seed=bits + group_size)
