@@ -54,8 +54,8 @@ E, H, I, TOP_K = 128, 2048, 768, 8  # config.json of Qwen/Qwen3-30B-A3B
 GROUP = 128
 DOT_BLOCK_M = 16
 DEFAULT_CONFIGS: list[str] = []  # old GEMV tiles to sweep (BN,BK,num_warps); the engine's defaults are "old"
-# new kernel tiles: BN,UNROLL,num_warps[,num_stages[,BN_GATE_UP]] (BN_GATE_UP defaults to BN)
-DEFAULT_SERVING_CONFIGS = ["64,2,4", "64,4,4,3,32", "32,2,4,1"]
+# new kernel tiles: BN,UNROLL,num_warps[,num_stages[,BN_GATE_UP[,WARPS_GATE_UP]]] (gate_up's default to BN, num_warps)
+DEFAULT_SERVING_CONFIGS = ["64,2,4", "64,4,4,3,32,2", "64,2,4,1,32,2"]
 DEFAULT_DOT_TILES = {**kernels.DOT_DECODE_TILES, "BK": dict(kernels.DOT_DECODE_TILES["BK"])}
 
 
@@ -164,7 +164,8 @@ def restore_defaults():
         else:
             setattr(kernels, name, value)
     kernels.DOT_DECODE_TILES.update(DEFAULT_DOT_TILES, BK=dict(DEFAULT_DOT_TILES["BK"]))
-    for bm, tiles in _SERVING_DEFAULTS.items():
+    for bm, tiles in _SERVING_DEFAULTS.items():  # replaced, not updated: a sweep may have added keys
+        lowbit.SERVING_GEMV_TILES[bm].clear()
         lowbit.SERVING_GEMV_TILES[bm].update(tiles)
 
 
@@ -180,7 +181,8 @@ def set_path(path):
     if path[0] == "new" and len(path) > 1:
         for tiles in lowbit.SERVING_GEMV_TILES.values():
             tiles.update(BN=path[1], UNROLL=path[2], num_warps=path[3], num_stages=path[4] if len(path) > 4 else 3,
-                         BN_GATE_UP=path[5] if len(path) > 5 else path[1])
+                         BN_GATE_UP=path[5] if len(path) > 5 else path[1],
+                         WARPS_GATE_UP=path[6] if len(path) > 6 else path[3])
 
 
 def path_name(path) -> str:
@@ -195,7 +197,8 @@ def config_name(path) -> str:
     if len(path) == 1:
         tiles = lowbit.SERVING_GEMV_TILES if path[0] == "new" else None
         return "default" if tiles is None else "default " + "/".join(
-            f"{t['BN']},{t['UNROLL']},{t['num_warps']},{t['num_stages']},{t['BN_GATE_UP']}"
+            f"{t['BN']},{t['UNROLL']},{t['num_warps']},{t['num_stages']},{t['BN_GATE_UP']},"
+            f"{t.get('WARPS_GATE_UP', t['num_warps'])}"
             for bm, t in sorted(tiles.items()) if bm <= 4)
     return ", ".join(str(v) for v in path[1:])
 
@@ -427,7 +430,8 @@ def write_table(args, bandwidth, l2, rows, peer, final=False):
              f"zeros (stored); the serving layout is made from them at load.",
              "- GB/s = bytes of the distinct routed experts / time; % copy = against the copy bandwidth. × bf16 = "
              "bf16 old µs / this µs; × old = this width's old µs / this µs. Config: old = the engine's rules; new = "
-             "BN,UNROLL,num_warps[,num_stages[,BN_GATE_UP]] (rows a program; default: for blocks of 1/2/4 rows).",
+             "BN,UNROLL,num_warps[,num_stages[,BN_GATE_UP[,WARPS_GATE_UP]]] (rows a program; default: blocks of "
+             "1/2/4 rows).",
              "",
              "| T | width | path | config | BM | µs / layer | distinct experts | MB read | GB/s | % copy | × bf16 | "
              "× old | rel. diff vs old | C |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -61,8 +61,10 @@ MIN_WORDS = 16  # tl.dot's minimum K for prefill blocks (one code slot = W conti
 # gate_up, 5.5 for down; 128 rows: 6.8 for down). At batch 1 a layer has 8 live blocks: gate_up at BN 32 gives
 # 8 x 768 / 32 = 192 programs on 132 SMs (BN 64: 96, under one wave), down at BN 64 8 x 2048 / 64 = 256. Blocks of
 # 8 rows occur only in the benchmark's single-matrix rows; gate_up's 16 rows there keep [8, BN, 16] accumulators
-# out of local memory.
-SERVING_GEMV_TILES = {1: {"BN": 64, "BN_GATE_UP": 32, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
+# out of local memory. WARPS_GATE_UP (default num_warps): gate_up's 32 rows on 2 warps put a gate and an up row of
+# 4 words a tile on each thread, 4.6 instructions a weight against 5.5 on 4 warps (down at 64 rows: 5.5 on 4 warps,
+# 6.7 on 2).
+SERVING_GEMV_TILES = {1: {"BN": 64, "BN_GATE_UP": 32, "WARPS_GATE_UP": 2, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
                       2: {"BN": 64, "BN_GATE_UP": 64, "UNROLL": 2, "num_warps": 4, "num_stages": 3},
                       4: {"BN": 32, "BN_GATE_UP": 32, "UNROLL": 1, "num_warps": 4, "num_stages": 3},
                       8: {"BN": 32, "BN_GATE_UP": 16, "UNROLL": 1, "num_warps": 4, "num_stages": 3}}
@@ -204,10 +206,10 @@ def _tile_gemv(acc, acc_up, words, words_up, x_base, m_base, m_up, kt, K, GROUP,
                 g = tl.minimum(g, NG - 1)
             g = g * sm1
             s2, c = _scale_pair(m_base, g, BITS)  # [1, BN, 1]
-            acc += s2 * t - c * b
+            acc = tl.fma(s2, t, tl.fma(-c, b, acc))  # two FFMA an element
             if GATE_UP:
                 s2, c = _scale_pair(m_up, g, BITS)
-                acc_up += s2 * t_up - c * b
+                acc_up = tl.fma(s2, t_up, tl.fma(-c, b, acc_up))
     return acc, acc_up
 
 
@@ -375,4 +377,5 @@ def serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier: Se
         *common, meta.shape[1], BITS=tier.bits, W=W, SPG=slots_per_group(tier), GATE_UP=gate_up,
         ROUTED_WEIGHT=routed_weight is not None, BM=block_m, BN=bn, UNROLL=unroll,
         EVEN_K=KT * gk == tier.in_features and KT % unroll == 0,
-        num_warps=tiles["num_warps"], num_stages=tiles.get("num_stages", 3))
+        num_warps=tiles.get("WARPS_GATE_UP", tiles["num_warps"]) if gate_up else tiles["num_warps"],
+        num_stages=tiles.get("num_stages", 3))
