@@ -23,6 +23,9 @@ Two kernels, chosen per launch by the block size (`decode_block_m`, one value fo
 sized blocks (BM 16, 64) take `_grouped_expert_kernel` (tl.dot); decode blocks of 1, 2 or 4 rows take
 `_grouped_expert_gemv_kernel`, which multiplies without tl.dot (whose 16-row minimum made 15 of 16 rows padding at
 batch 1) and reads the same formats, with the same semantics.
+
+Packed tiers converted to fast/lowbit.py's serving layout (lowbit.SERVING_LAYOUT, made once at load) take lowbit's
+kernels instead: grouped_expert_matmul dispatches on the tier's type (lowbit.ServingTier).
 """
 from __future__ import annotations
 
@@ -634,6 +637,11 @@ def grouped_expert_matmul(x: torch.Tensor, out: torch.Tensor, sorted_assign: tor
     bm, bn, bk = tile_sizes(tier.bits, out.shape[0], slot_of_expert.shape[0])
     if bm != block_m:
         raise ValueError(f"assignments were aligned to blocks of {block_m}, the kernel uses {bm}")
+    from .lowbit import ServingTier, serving_matmul  # lowbit imports this module
+    if isinstance(tier, ServingTier):  # packed experts in the serving layout: lowbit's kernels
+        serving_matmul(x, out, sorted_assign, block_expert, slot_of_expert, tier, x_row_div, block_m, routed_weight,
+                       gate_up)
+        return
     w = tier.weight
     scales = tier.scales if tier.scales is not None else w
     zeros = tier.zeros if tier.zeros is not None else w

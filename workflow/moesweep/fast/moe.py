@@ -10,16 +10,22 @@ from __future__ import annotations
 import torch
 
 from ..grid import FULL_BITS
+from . import lowbit
 from .kernels import ExpertTier, align_assignments, grouped_expert_matmul, tile_sizes
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-def quantized_tier(q, device) -> ExpertTier:
-    """An ExpertTier over a quant.core.QuantizedExperts (all experts), moved to `device` as stored."""
+def quantized_tier(q, device, serving: bool | None = None) -> ExpertTier:
+    """An ExpertTier over a quant.core.QuantizedExperts (all experts) on `device`: as stored, or in lowbit's serving
+    layout (made here, once per load; serving None = lowbit.SERVING_LAYOUT). Group sizes the serving layout cannot
+    take keep the stored layout, logged by lowbit.serving_layout."""
     E, _, n_in = q.shape
     zeros = None if q.spec.symmetric else q.zeros.to(device)
-    return ExpertTier(q.spec.bits, q.codes.to(device), q.scales.to(device), zeros, q.spec.columns_per_group(n_in), n_in)
+    tier = ExpertTier(q.spec.bits, q.codes.to(device), q.scales.to(device), zeros, q.spec.columns_per_group(n_in), n_in)
+    if lowbit.SERVING_LAYOUT if serving is None else serving:
+        return lowbit.serving_layout(tier)
+    return tier
 
 
 def full_tier(weight: torch.Tensor) -> ExpertTier:

@@ -30,6 +30,8 @@ per layer, and therefore no CUDA graph for this policy (the glue is still compil
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..dynamic import DynamicStats, OffloadCache, plan_transitions
@@ -60,7 +62,7 @@ def _host_version(module, quantized_layer, bits) -> dict[str, tuple]:
 def _pool_tier(template: ExpertTier, host: tuple, n: int, device) -> ExpertTier:
     """An empty tier of n slots shaped like one expert of `template`."""
     w, s, z = (None if t is None else torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for t in host)
-    return ExpertTier(template.bits, w, s, z, template.group_size, template.in_features)
+    return dataclasses.replace(template, weight=w, scales=s, zeros=z)  # keeps the layout (lowbit.ServingTier)
 
 
 def _copy_expert(pool: ExpertTier, host: tuple, expert: int, slot: int) -> None:
