@@ -18,9 +18,10 @@ from moesweep.configfile import ConfigFileError as _ConfigFileError, check_confi
 # `--configfile a.yaml results/x` makes argparse read the target as a second config file (nargs="+"); say so
 # instead of failing on its contents. `--configfile=a.yaml` cannot swallow a target.
 for _f in workflow.configfiles:
-    if _Path(_f).suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise WorkflowError(f"invalid config: config file {str(_f)!r} is not a .yaml/.yml/.json file; did "
-                            f"--configfile swallow a target? Write --configfile=PATH, or put targets before it")
+    _rel = _Path(_f).resolve().relative_to(_Path.cwd()).parts if _Path(_f).resolve().is_relative_to(_Path.cwd()) else ()
+    if _Path(_f).suffix.lower() not in (".yaml", ".yml", ".json") or _rel[:1] in (("results",), ("logs",)):
+        raise WorkflowError(f"invalid config: config file {str(_f)!r} is an output or not a .yaml/.yml/.json file; "
+                            f"did --configfile swallow a target? Write --configfile=PATH, or put targets before it")
 try:
     _check_config_files([*workflow.configfiles, _Path(workflow.basedir) / "config" / "config.yaml"])
 except _ConfigFileError as _err:

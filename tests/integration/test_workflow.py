@@ -302,3 +302,27 @@ def test_corrupt_calibration_is_named_and_rebuilt(micro_run, tmp_path):
     rebuilt = pd.read_parquet(workdir / "results/micro/summary/cells.parquet").sort_values("cell", ignore_index=True)
     original = pd.read_parquet(micro_run / "results/micro/summary/cells.parquet").sort_values("cell", ignore_index=True)
     pd.testing.assert_series_equal(rebuilt["accuracy_strict"], original["accuracy_strict"])
+
+
+def test_directory_option_plans_the_shipped_config(tmp_path):
+    """--directory: the default config is found from the Snakefile, and its relative paths (the embedded model,
+    the cost model's target) from the repository when the working directory lacks them."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "results/tiny-qwen3-moe_synthetic_zeroshot/summary/cells.parquet" in proc.stdout
+
+
+def test_configfile_that_swallowed_a_target_is_named(tmp_path):
+    """`--configfile a.yaml <cell.json target>`: argparse reads the target as a config file, and a cell.json
+    parses as one; refused with the fix. (A target that does not parse as a mapping, e.g. a .parquet, is refused
+    by Snakemake itself before the Snakefile, with its own message.)"""
+    write_config(tmp_path, MICRO)
+    target = "results/micro/cells/native-w16/cell.json"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+           "--configfile", str(tmp_path / "config" / "config.yaml"), target]
+    (tmp_path / target).parent.mkdir(parents=True)
+    (tmp_path / target).write_text(json.dumps({"cell": "native-w16", "n": 12}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "did --configfile swallow a target? Write --configfile=PATH" in proc.stdout + proc.stderr

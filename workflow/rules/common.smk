@@ -14,6 +14,17 @@ from moesweep.checks import ConfigError, check_all, run_name  # noqa: E402
 from moesweep.grid import config_hash  # noqa: E402
 from moesweep.costmodel import HARDWARE_FILE as SHIPPED_HARDWARE_FILE, CostModelError, load_cost_model  # noqa: E402
 
+# A relative path in the config is looked up in the working directory, then in this repository (the embedded
+# model, config/models/), so the shipped config also runs under --directory DIR. A path found in neither place is
+# left as written, and the checks below name it.
+REPO_PATH_KEYS = (("model", "id"), ("dataset", "source"), ("dataset", "fewshot_source"), ("calibration", "source"),
+                  ("profile", "source"), ("cost_model", "target_model"))
+for _section, _key in REPO_PATH_KEYS:
+    _value = (config.get(_section) or {}).get(_key)
+    if isinstance(_value, str) and _value and not _value.startswith(("/", "~")) and not Path(_value).exists():
+        if (Path(workflow.basedir) / _value).exists():
+            config[_section][_key] = str(Path(workflow.basedir) / _value)
+
 # Every bad input is refused here, before any job, in one line each (checks.check_all: values, schema, the
 # grid's size before expanding it, then the config against the files it names). snakemake's validate then
 # passes; it stays for the schema defaults it would fill in. CUDA's presence (engine: fast) is asked only of the
@@ -36,12 +47,6 @@ OUT = f"results/{RUN}"
 LOGS = f"logs/{RUN}"
 BENCH = f"benchmarks/rules/{RUN}"
 CELL_BY_ID = {c.id: c for c in CELLS}
-# A relative cost_model.target_model is looked up in the working directory, then in this repository, where
-# config/models/ ships the default target: the shipped config then works under --directory too.
-_target = (config.get("cost_model") or {}).get("target_model")
-if _target and not Path(_target).expanduser().is_absolute() and not Path(_target).exists():
-    if (Path(workflow.basedir) / _target).exists():
-        config["cost_model"]["target_model"] = str(Path(workflow.basedir) / _target)
 # Cost model: shipped hardware profiles + the config's extra ones, checked now so a bad profile stops the DAG.
 HARDWARE_FILE = str(SHIPPED_HARDWARE_FILE)
 try:
