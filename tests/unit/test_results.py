@@ -39,7 +39,7 @@ def test_holm_caps_at_one_and_keeps_order():
 
     # sorted 0.3, 0.4, 0.9 -> 3 x 0.3 = 0.9, max(0.9, 2 x 0.4), max(0.9, 0.9): monotone in the raw order
     assert holm(pd.Series([0.4, 0.3, 0.9])).tolist() == pytest.approx([0.9, 0.9, 0.9])
-    assert holm(pd.Series([0.4, 0.6])).tolist() == [0.8, 1.0]  # 2 x 0.6 capped at 1
+    assert holm(pd.Series([0.7, 0.6])).tolist() == [1.0, 1.0]  # 2 x 0.6 capped at 1, then max(1, 0.7)
 
 
 def test_headline_measure_and_pareto_on_bytes():
