@@ -39,6 +39,7 @@ rule plot_trade_off:
         layers="results/summary/layers.parquet",
     output:
         pareto=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
+        throughput=report("results/figures/throughput.png", caption="../report/throughput.rst", category="Trade-off"),
         capacity=report("results/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
         budget=report("results/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
         dynamic=report("results/figures/dynamic_precision.png", caption="../report/dynamic_precision.rst", category="Trade-off"),
