@@ -210,7 +210,7 @@ def precision_budget(cells: pd.DataFrame, path: str) -> None:
     _place_labels(ax, 100 * d["memory_fraction"], 100 * d["accuracy_strict"], d["cell"].str.replace("native-", ""))
     ax.set_xlabel("resident expert-weight bytes (% of 16-bit)")
     ax.set_ylabel("accuracy, strict (%)")
-    ax.set_title("Accuracy vs expert memory, native routing · " + _subtitle(cells), fontsize=10)
+    ax.set_title("Accuracy vs expert memory, native routing\n" + _subtitle(cells), fontsize=9)
     ax.legend()
     _save(fig, path)
 
