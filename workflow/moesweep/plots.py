@@ -171,8 +171,10 @@ def hotness(profile: pd.DataFrame, path: str) -> None:
                 cbar_kws={"label": "share (%)"})
     axes[1].set_title("sorted hottest → coldest")
     axes[1].set_xlabel("hotness rank")
+    source = (f"\nprofiled problems: {profile['profile_source'].iloc[0]}, content hash {profile['profile_hash'].iloc[0]}"
+              if "profile_source" in profile.columns else "")
     fig.suptitle(f"Expert hotness (profile stage): the hottest 25 % of experts get {100 * top_quarter:.0f} % of the "
-                 f"routed mass on average (uniform = 25 %)", fontsize=10)
+                 f"routed mass on average (uniform = 25 %){source}", fontsize=10)
     _save(fig, path)
 
 
