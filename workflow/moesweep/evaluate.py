@@ -263,7 +263,7 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     # stop strings ignored, so every cell's clock covers the same work and differs only by what a step costs under
     # its policy. Median and spread over >= 3 repeats, each from the controller's starting state. Its routing
     # counters (distinct experts per step at a constant batch) give the weight bytes read per generated token.
-    timing_steps = ev.get("timing_steps", 32)
+    timing_steps = ev.get("timing_steps", 16)
     fixed_ids = timing_inputs(tokenizer, prompts, ev["batch_size"], timing_steps, max_positions)
     fixed_runs = []
     for _ in range(ev.get("timing_repeats", 3)):
