@@ -63,11 +63,15 @@ def test_headline_is_bytes_per_token_on_cpu(captured):
     plots.pareto(cells_table(), "pareto.png")
     fig = captured["pareto.png"]
     ax = fig.axes[0]
-    assert "weight bytes read per generated token" in ax.get_xlabel() and "cheaper" in ax.get_xlabel()
+    assert "weight bytes read per generated token (MB" in ax.get_xlabel() and "cheaper" in ax.get_xlabel()
     assert SUBTITLE in ax.get_title() and "not a clock" in ax.get_title()
     # the top-1 cell's point sits left of native (fewer bytes): x data of the plotted points in MB
     xs = sorted(float(x) for line in ax.lines for x in line.get_xdata())
     assert 2.2 in [round(x, 1) for x in xs] and 3.0 in [round(x, 1) for x in xs]
+    # a small model's bytes in kB
+    small = cells_table().assign(weight_bytes_per_token=lambda d: d["weight_bytes_per_token"] / 100)
+    plots.pareto(small, "pareto.png")
+    assert "(kB;" in captured["pareto.png"].axes[0].get_xlabel()
     # labels named once each, none overlapping
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
@@ -99,7 +103,7 @@ def test_precision_budget_draws_one_line_per_tier_pair(captured):
 def test_secondary_figures_use_the_headline_measure_and_name_the_run(captured, name):
     getattr(plots, name)(cells_table(), f"{name}.png")
     text = texts(captured[f"{name}.png"])
-    assert "weight bytes read per generated token" in text and SUBTITLE in text
+    assert "weight bytes / generated token (MB)" in text and SUBTITLE in text
     assert "tokens / s" not in text
 
 

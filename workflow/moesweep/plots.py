@@ -29,19 +29,26 @@ def _subtitle(cells: pd.DataFrame) -> str:
             f"{c['hardware']} · batch {c['batch_size']}")
 
 
-# The cost axis of the headline figure (results.headline_measure, recorded per row as pareto_measure): label, scale
-# to display units, and whether lower is better.
+# The cost axis of the headline figure (results.headline_measure, recorded per row as pareto_measure): long label
+# (the headline's x-axis), short label (panels of the other figures), and whether lower is better.
 MEASURES = {
-    "weight_bytes_per_token": ("weight bytes read per generated token (MB; fixed-shape pass, measured routing)", 1e-6, True),
-    "expert_bytes_per_token": ("expert weight bytes read per generated token (MB; fixed-shape pass)", 1e-6, True),
-    "fixed_decode_tokens_per_s": ("decode tokens / s (fixed-shape pass, median of repeats)", 1.0, False),
+    "weight_bytes_per_token": ("weight bytes read per generated token ({unit}; fixed-shape pass, measured routing)",
+                               "weight bytes / generated token ({unit})", True),
+    "expert_bytes_per_token": ("expert weight bytes read per generated token ({unit}; fixed-shape pass)",
+                               "expert bytes / generated token ({unit})", True),
+    "fixed_decode_tokens_per_s": ("decode tokens / s (fixed-shape pass, median of repeats)",
+                                  "decode tokens / s (fixed shape)", False),
 }
 
 
-def _measure(cells: pd.DataFrame) -> tuple[str, str, float, bool]:
+def _measure(cells: pd.DataFrame, short: bool = False) -> tuple[str, str, float, bool]:
+    """(column, axis label, scale to display units, lower is better); bytes in MB, or kB when below 1 MB."""
     name = str(cells["pareto_measure"].iloc[0])
-    label, scale, lower = MEASURES[name]
-    return name, label, scale, lower
+    long_label, short_label, lower = MEASURES[name]
+    scale, unit = 1.0, ""
+    if lower:
+        scale, unit = (1e-6, "MB") if cells[name].max() >= 1e6 else (1e-3, "kB")
+    return name, (short_label if short else long_label).format(unit=unit), scale, lower
 
 
 def _place_labels(ax, xs, ys, texts, fontsize=7) -> None:
@@ -127,13 +134,13 @@ def capacity_factor(cells: pd.DataFrame, path: str) -> None:
     sns.set_theme(style="whitegrid")
     d = cells[(cells["routing_policy"] == "topk") & (cells["precision_policy"] == "full")].copy()
     native = cells[(cells["routing_policy"] == "native") & (cells["precision_policy"] == "full")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
     if d.empty:
         for ax in axes:
             ax.text(0.5, 0.5, "no top-k′ cells at full precision in this grid", ha="center", transform=ax.transAxes)
         _save(fig, path)
         return
-    measure, measure_label, scale, _ = _measure(cells)
+    measure, measure_label, scale, _ = _measure(cells, short=True)
     finite = sorted(d["capacity_factor"].dropna().unique())
     none_x = (max(finite) * 1.5) if finite else 1.0  # dropless drawn to the right of the largest CF
     d["cf_x"] = d["capacity_factor"].fillna(none_x)
@@ -148,7 +155,7 @@ def capacity_factor(cells: pd.DataFrame, path: str) -> None:
         axes[0].axhline(100 * n["accuracy_strict"], color="black", ls="--", lw=1, label=f"native top-{n['top_k']}")
         axes[1].axhline(scale * n[measure], color="black", ls="--", lw=1, label=f"native top-{n['top_k']}")
     ticks = finite + [none_x]
-    for ax, ylabel in zip(axes, ("accuracy, strict (%)", measure_label.replace(" (", "\n("), "assignments dropped (%)")):
+    for ax, ylabel in zip(axes, ("accuracy, strict (%)", measure_label, "assignments dropped (%)")):
         ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["none"])
         ax.set_xlabel("capacity factor (none = dropless)")
         ax.set_ylabel(ylabel)
@@ -213,7 +220,7 @@ def precision_budget(cells: pd.DataFrame, path: str) -> None:
     ax.set_xlabel("resident expert-weight bytes (% of 16-bit)")
     ax.set_ylabel("accuracy, strict (%)")
     ax.set_title("Accuracy vs expert memory, native routing\n" + _subtitle(cells), fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the points fill the axes
     _save(fig, path)
 
 
@@ -249,9 +256,8 @@ def dynamic_precision(cells: pd.DataFrame, path: str) -> None:
     order = d.sort_values("memory_budget")["group"].unique()
     rank = {p: i for i, p in enumerate(policies)}
     hue_order = sorted(d["variant"].unique(), key=lambda v: (rank[v.split()[0]], v))
-    measure, measure_label, measure_scale, _ = _measure(cells)
-    for ax, col, label in ((axes[0], "accuracy_strict", "accuracy, strict (%)"),
-                           (axes[1], measure, measure_label.replace(" (", "\n("))):
+    measure, measure_label, measure_scale, _ = _measure(cells, short=True)
+    for ax, col, label in ((axes[0], "accuracy_strict", "accuracy, strict (%)"), (axes[1], measure, measure_label)):
         scale = 100 if col == "accuracy_strict" else measure_scale
         sns.barplot(data=d.assign(v=scale * d[col]), x="group", y="v", hue="variant", order=order,
                     hue_order=hue_order, ax=ax, errorbar=None)
