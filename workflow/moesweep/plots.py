@@ -171,7 +171,8 @@ def hotness(profile: pd.DataFrame, path: str) -> None:
     sorted_rows = np.sort(wide.to_numpy(), axis=1)[:, ::-1]
     E = sorted_rows.shape[1]
     top_quarter = sorted_rows[:, : max(1, E // 4)].sum(axis=1).mean()
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(wide) + 2.5), gridspec_kw={"width_ratios": [1, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(wide) + 2.5), gridspec_kw={"width_ratios": [1, 1]},
+                             layout="constrained")  # room for the two-line title
     sns.heatmap(100 * wide, ax=axes[0], cmap="magma", cbar_kws={"label": "share of routed probability mass (%)"})
     axes[0].set_title("by expert id")
     sns.heatmap(100 * pd.DataFrame(sorted_rows, index=wide.index), ax=axes[1], cmap="magma",
