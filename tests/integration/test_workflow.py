@@ -163,16 +163,23 @@ def test_bad_config_fails_before_any_job(tmp_path, path, value, words):
 
 
 @pytest.mark.slow
-def test_bad_data_records_fail_in_the_first_stage_before_the_model_loads(tmp_path):
-    data = tmp_path / "gsm.jsonl"
+def test_bad_data_records_are_refused_before_any_job(tmp_path):
+    """A local evaluation file is read when the DAG is built (to compare it with the calibration and profile
+    problems by content hash), so a bad record stops the run there, naming the file and record."""
+    from moesweep.data.synthetic import generate_problems
+
+    data, train = tmp_path / "gsm.jsonl", tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "q?", "answer": "no final line"}) + "\n")
+    train.write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n"
+                             for p in generate_problems("train", 40, 0)))
     cfg = _bad("dataset.source", str(data))
+    cfg["calibration"]["source"] = cfg["profile"]["source"] = str(train)
     write_config(tmp_path, cfg)
     proc = snakemake(tmp_path, "--until", "calibrate", check=False)
     assert proc.returncode != 0
-    log = (tmp_path / "logs" / "calibrate.log").read_text()
-    assert "####" in log and "Loading weights" not in log
-    assert not list((tmp_path / "results").rglob("*.safetensors"))
+    out = proc.stdout + proc.stderr
+    assert f"{data}: record 0 (id 'test-00000'): gold answer has no '#### N' line" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
 @pytest.mark.slow
