@@ -89,7 +89,17 @@ def test_micro_sweep_writes_the_results_contract(micro_run):
     assert len(problems) == 5 * 12
     for col in ("problem_id", "gold", "prediction_strict", "prediction_flexible", "correct_strict", "completion"):
         assert col in problems.columns
-    for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
+    for col in ("prompt", "prompt_sha256", "prompt_tokens", "fewshot_ids"):  # what the model saw
+        assert col in problems.columns
+    assert (problems["prompt_tokens"] > 0).all()
+    # issue 19: fixed-shape timing with spread, the headline cost, Holm over the non-reference cells
+    assert (cells["fixed_repeats"] >= 3).all() and (cells["fixed_ms_per_step_min"] <= cells["fixed_ms_per_step"]).all()
+    assert (cells["pareto_measure"] == "weight_bytes_per_token").all()
+    by_cell = cells.set_index("cell")
+    assert by_cell.loc["top1-w16", "weight_bytes_per_token"] < by_cell.loc["native-w16", "weight_bytes_per_token"]
+    assert pd.isna(by_cell.loc["native-w16", "p_holm"]) and (cells["p_holm"].dropna() >= cells["p_vs_reference"][cells["p_holm"].notna()]).all()
+    assert by_cell.loc["native-w2", "calibration_hash"] and by_cell.loc["native-hot8-cold2-b0.3", "profile_hash"]
+    for fig in ("pareto", "throughput", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
         assert (micro_run / f"results/figures/{fig}.png").stat().st_size > 10_000
     errors = pd.read_parquet(micro_run / "results/quantization/error.parquet")
     med = errors.groupby("bits")["relative_error"].median()
