@@ -97,7 +97,17 @@ def test_micro_sweep_writes_the_results_contract(micro_run):
     assert len(problems) == 5 * 12
     for col in ("problem_id", "gold", "prediction_strict", "prediction_flexible", "correct_strict", "completion"):
         assert col in problems.columns
-    for fig in ("pareto", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
+    for col in ("prompt", "prompt_sha256", "prompt_tokens", "fewshot_ids"):  # what the model saw
+        assert col in problems.columns
+    assert (problems["prompt_tokens"] > 0).all()
+    # issue 19: fixed-shape timing with spread, the headline cost, Holm over the non-reference cells
+    assert (cells["fixed_repeats"] >= 3).all() and (cells["fixed_ms_per_step_min"] <= cells["fixed_ms_per_step"]).all()
+    assert (cells["pareto_measure"] == "weight_bytes_per_token").all()
+    by_cell = cells.set_index("cell")
+    assert by_cell.loc["top1-w16", "weight_bytes_per_token"] < by_cell.loc["native-w16", "weight_bytes_per_token"]
+    assert pd.isna(by_cell.loc["native-w16", "p_holm"]) and (cells["p_holm"].dropna() >= cells["p_vs_reference"][cells["p_holm"].notna()]).all()
+    assert by_cell.loc["native-w2", "calibration_hash"] and by_cell.loc["native-hot8-cold2-b0.3", "profile_hash"]
+    for fig in ("pareto", "throughput", "capacity_factor", "hotness", "quant_error", "precision_budget", "load_imbalance"):
         assert (micro_run / f"results/micro/figures/{fig}.png").stat().st_size > 10_000
     errors = pd.read_parquet(micro_run / "results/micro/quantization/error.parquet")
     med = errors.groupby("bits")["relative_error"].median()
@@ -171,16 +181,23 @@ def test_bad_config_fails_before_any_job(tmp_path, path, value, words):
 
 
 @pytest.mark.slow
-def test_bad_data_records_fail_in_the_first_stage_before_the_model_loads(tmp_path):
-    data = tmp_path / "gsm.jsonl"
+def test_bad_data_records_are_refused_before_any_job(tmp_path):
+    """A local evaluation file is read when the DAG is built (to compare it with the calibration and profile
+    problems by content hash), so a bad record stops the run there, naming the file and record."""
+    from moesweep.data.synthetic import generate_problems
+
+    data, train = tmp_path / "gsm.jsonl", tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "q?", "answer": "no final line"}) + "\n")
+    train.write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n"
+                             for p in generate_problems("train", 40, 0)))
     cfg = _bad("dataset.source", str(data))
+    cfg["calibration"]["source"] = cfg["profile"]["source"] = str(train)
     write_config(tmp_path, cfg)
     proc = snakemake(tmp_path, "--until", "calibrate", check=False)
     assert proc.returncode != 0
-    log = (tmp_path / "logs" / "micro" / "calibrate.log").read_text()
-    assert "####" in log and "Loading weights" not in log
-    assert not list((tmp_path / "results").rglob("*.safetensors"))
+    out = proc.stdout + proc.stderr
+    assert f"{data}: record 0 (id 'test-00000'): gold answer has no '#### N' line" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
 # Evaluation-only settings: each must replan the cells and what aggregates them, never the expensive stages.

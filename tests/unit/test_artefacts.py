@@ -46,7 +46,8 @@ def test_quantized_file_truncated_or_foreign(calibration, random_checkpoint, tmp
     q = tmp_path / "w2.safetensors"
     quantize_stage(model, {"group_size": 32, "min_tokens": 1}, 2, "gptq", str(calibration / "h.safetensors"),
                    str(calibration / "ho.safetensors"), str(q), str(tmp_path / "err.parquet"))
-    assert load_quantized_tiers({2: str(q)}, str(random_checkpoint))[2]
+    tiers, metas = load_quantized_tiers({2: str(q)}, str(random_checkpoint))
+    assert tiers[2] and metas[0]["calibration_hash"]  # the calibration data's provenance travels with the weights
     with pytest.raises(ArtefactError, match="rerun the quantize stage"):
         load_quantized_tiers({2: str(q)}, "some/other-model")
     truncate(q)

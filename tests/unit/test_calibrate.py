@@ -179,12 +179,13 @@ def test_text_calibration_gives_chunks_of_max_length_tokens(embedded_model, tmp_
 
     tok = _tokenizer({"id": str(embedded_model)})
     calib = {"n_samples": 5, "n_heldout": 2, "max_length": 48, "format": "text", "source": str(text_file(tmp_path, kind))}
-    chunks = calibration_samples(SYNTH, calib, 0, tok)
+    chunks, provenance = calibration_samples(SYNTH, calib, 0, tok)
+    assert provenance["calibration_source"].endswith("[train, text]") and len(provenance["calibration_hash"]) == 16
     assert len(chunks) == 7 and all(len(c) == 48 for c in chunks)
     assert "river" in tok.decode(chunks[0]) and "Question:" not in tok.decode(chunks[0])
-    assert chunks == calibration_samples(SYNTH, calib, 0, tok)  # deterministic by seed
+    assert chunks == calibration_samples(SYNTH, calib, 0, tok)[0]  # deterministic by seed
     if kind == "jsonl":  # documents are shuffled by seed (a .txt file is one document)
-        assert chunks != calibration_samples(SYNTH, calib, 1, tok)
+        assert chunks != calibration_samples(SYNTH, calib, 1, tok)[0]
     with pytest.raises(ValueError, match="needs n_samples \\+ n_heldout = 1007 chunks"):
         calibration_samples(SYNTH, {**calib, "n_samples": 1005}, 0, tok)
     if kind == "jsonl":

@@ -462,3 +462,16 @@ def test_dynamic_precision_traffic(random_checkpoint, tmp_path):
     d, d_hi = c["distinct_experts_per_step"], c["distinct_high_experts_per_step"]
     assert t.expert_bytes == pytest.approx(d_hi * c["expert_bytes_high"] + (d - d_hi) * c["expert_bytes_low"])
     assert t.host_bytes == pytest.approx(c["host_bytes_decode"] / c["decode_steps"])
+    # provenance (issue 19): the calibration and profile data behind this cell's weights and map, by content hash
+    from moesweep.data.sources import calibration_problems, load_split, problems_hash, profile_problems
+
+    calib = {"n_samples": 6, "n_heldout": 2}
+    assert c["calibration_source"] == "synthetic [train]"
+    assert c["calibration_hash"] == problems_hash(calibration_problems(dataset, calib, 0))
+    assert c["profile_source"] == "synthetic [train]"
+    assert c["profile_hash"] == problems_hash(profile_problems(dataset, {"n_samples": 6}, 0))
+    assert c["dataset_hash"] == problems_hash(load_split(dataset, "test", 6, 0))
+    assert json.loads((tmp_path / "stats.json").read_text())["calibration_hash"] == c["calibration_hash"]
+    # one fixed-shape pass per cell, dynamic controller included: per-step cost with spread
+    assert c["fixed_repeats"] == 3 and c["fixed_ms_per_step_min"] <= c["fixed_ms_per_step"] <= c["fixed_ms_per_step_max"]
+    assert c["high_precision_hit_rate"] is not None  # two tiers

@@ -49,10 +49,15 @@ def test_ids_follow_split_or_own_id_field(tmp_path):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([RECORDS[0], {"question": "q?"}], r"bad\.jsonl: record 1 has no 'answer' field"),
-        ([{"answer": "#### 1"}], r"bad\.jsonl: record 0 has no 'question' field"),
-        ([RECORDS[0], RECORDS[1], {"question": "q?", "answer": "It is 4."}], r"bad\.jsonl: record 2: .*no '#### N' line"),
-        ([RECORDS[0], {"question": "q?", "answer": "####  "}], r"bad\.jsonl: record 1: .*no '#### N' line"),
+        ([RECORDS[0], {"question": "q?"}], r"bad\.jsonl: record 1 \(id 'test-00001'\) has no 'answer' field"),
+        ([{"answer": "#### 1"}], r"bad\.jsonl: record 0 \(id 'test-00000'\) has no 'question' field"),
+        ([RECORDS[0], RECORDS[1], {"question": "q?", "answer": "It is 4."}], r"bad\.jsonl: record 2 .*: .*no '#### N' line"),
+        ([RECORDS[0], {"question": "q?", "answer": "####  "}], r"bad\.jsonl: record 1 .*: .*no '#### N' line"),
+        # issue 22: a non-numeric gold answer is refused naming the record id; an integer answer is named as such
+        ([RECORDS[0], {"id": "q7", "question": "q?", "answer": "So many.\n#### seventy-two"}],
+         r"bad\.jsonl: record 1 \(id 'q7'\): gold answer '#### seventy-two' is not a number"),
+        ([{"id": "q1", "question": "q?", "answer": 72}],
+         r"bad\.jsonl: record 0 \(id 'q1'\): 'answer' is a number \(72\), not text"),
         ([dict(RECORDS[0], id="a"), dict(RECORDS[1], id="a")], r"bad\.jsonl: record 1 repeats id 'a' of record 0"),
     ],
 )
@@ -130,3 +135,18 @@ def test_subsample_is_seeded_and_order_stable():
 def test_subsample_refuses_limit_beyond_data():
     with pytest.raises(ValueError, match="limit 60 is larger than the 50 records"):
         subsample([{"id": str(i)} for i in range(50)], 60, seed=0)
+
+
+def test_malformed_jsonl_line_is_named_by_number(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(RECORDS[1]) + "\n{\"question\": \"q?\", \n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 4 is not valid JSON"):
+        load_gsm8k(str(path))
+    path.write_text(json.dumps(RECORDS[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2 is a JSON list, not an object"):
+        load_gsm8k(str(path))
+
+
+def test_records_carry_their_position_in_the_split(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", RECORDS)
+    assert [r["index"] for r in load_gsm8k(str(path))] == [0, 1, 2]

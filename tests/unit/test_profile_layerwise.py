@@ -12,7 +12,7 @@ import torch
 
 from family_models import FAMILIES, build_family_checkpoint
 from moesweep.calibrate import _batches, profile_hotness, profile_hotness_layerwise
-from moesweep.data.sources import load_split, training_text
+from moesweep.data.sources import load_split, problems_hash, training_text
 from moesweep.grid import config_hash
 from moesweep.layerwise import LayerwiseModel, skeleton
 from moesweep.model import ModelError, load_model
@@ -84,9 +84,11 @@ def test_profile_stage_writes_what_the_whole_model_path_wrote(embedded_model, tm
     ref = pd.DataFrame(profile_hotness(model, tok, adapter, [training_text(p) for p in problems],
                                        PROFILE["max_length"], PROFILE["batch_size"]))
     ref["config_hash"] = config_hash(model_cfg, SYNTH, {**PROFILE, "device": "cpu"}, 0)
+    ref["profile_source"] = "synthetic [train]"  # provenance of the profiled problems (issue 19)
+    ref["profile_hash"] = problems_hash(problems)
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     assert got.columns.tolist() == ["layer", "expert", "selections", "selection_share", "prob_mass", "prob_share",
-                                    "hotness_rank", "tokens", "config_hash"]
+                                    "hotness_rank", "tokens", "config_hash", "profile_source", "profile_hash"]
 
 
 def test_profile_device_is_honoured_and_checked(embedded_model, tmp_path):

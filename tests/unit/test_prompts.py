@@ -32,9 +32,9 @@ def train_records(n=12):
 
 
 def test_get_preset_and_unknown_name():
-    assert set(PRESETS) == {"zeroshot", "lmeval_gsm8k", "lmeval_gsm8k_cot", "qwen3_4shot_cot"}
+    assert set(PRESETS) == {"zeroshot", "lmeval_gsm8k", "lmeval_gsm8k_fixed", "lmeval_gsm8k_cot", "qwen3_4shot_cot"}
     assert get_preset("lmeval_gsm8k").n_shots == 5
-    with pytest.raises(ValueError, match="unknown prompt preset 'gsm8k'.*lmeval_gsm8k, lmeval_gsm8k_cot"):
+    with pytest.raises(ValueError, match="unknown prompt preset 'gsm8k'.*lmeval_gsm8k, lmeval_gsm8k_cot, lmeval_gsm8k_fixed"):
         get_preset("gsm8k")
 
 
@@ -202,3 +202,38 @@ def test_matches_lm_eval_live(tmp_path):
         theirs = task.fewshot_context(task.test_docs()[0], num_fewshot=preset.n_shots)
         ours = build_prompt(preset, test[0]["question"], select_fewshot(preset, train, seed=1234))
         assert ours == theirs, yaml_name
+
+
+def test_per_question_exemplars_match_lm_eval_byte_for_byte(tmp_path):
+    """lmeval_gsm8k as the evaluate stage renders it (exemplars_per_question over the whole train file, questions
+    at their test-split positions, a subsample included) against lm-eval's own task built from its gsm8k.yaml on
+    the same real-format files: every question's prompt identical, byte for byte."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import os
+
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    from moesweep.data.gsm8k import load_gsm8k, subsample
+    from moesweep.data.prompts import exemplars_per_question
+    from moesweep.data.synthetic import generate_problems
+
+    for split, n in (("train", 40), ("test", 12)):
+        rows = [{"question": p["question"], "answer": p["answer"]} for p in generate_problems(split, n, 3)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = yaml.safe_load(open(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "gsm8k", "gsm8k.yaml")))
+    config.update(dataset_path="json", dataset_name=None,
+                  dataset_kwargs={"data_files": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "test")}})
+    task = ConfigurableTask(config=config)
+    task.set_fewshot_seed(1234)
+    # lm-eval renders the questions in split order, one draw per question from its seeded stream
+    theirs = [task.fewshot_context(doc, num_fewshot=5) for doc in task.test_docs()]
+
+    preset = get_preset("lmeval_gsm8k")
+    train = load_gsm8k(str(tmp_path / "train.jsonl"), split="train")
+    test = load_gsm8k(str(tmp_path / "test.jsonl"))
+    for problems in (test, subsample(test, 5, seed=9)):  # a subsample keeps each question's own draw
+        shots = exemplars_per_question(preset, train, [p["index"] for p in problems], seed=0)
+        ours = [build_prompt(preset, p["question"], s) for p, s in zip(problems, shots)]
+        assert ours == [theirs[p["index"]] for p in problems]
+    assert len(set(theirs)) == len(theirs)

@@ -276,12 +276,44 @@ def check_fewshot_source(dataset: dict, prompt: dict) -> None:
                           f"set; set dataset.fewshot_source to a train file (or use a hub id / synthetic)")
 
 
+def check_data_leakage(config: dict) -> None:
+    """No evaluated problem reaches calibration or profiling (issue 19): a local evaluation file needs its own
+    calibration.source and profile.source, and the problems those stages will read are compared with the evaluated
+    ones by content hash (data/sources.question_key). Local files and the synthetic source are loaded here; a hub
+    id is not fetched at DAG time: the calibrate and profile stages repeat the comparison before reading weights."""
+    from .data.sources import (SYNTHETIC, assert_disjoint, calibration_problems, evaluated_problems, is_local_file,
+                               leakage_error, profile_problems, stage_dataset)
+
+    ds, calib, prof = config["dataset"], config.get("calibration", {}), config.get("profile", {})
+    check_data_source(prof, "source", "profile")
+    why = leakage_error(ds, calib, prof)
+    if why:
+        raise ConfigError(why)
+
+    def loadable(source):
+        return source == SYNTHETIC or is_local_file(source)
+
+    stages = {}
+    if calib and calib.get("format", "problems") == "problems" and loadable(stage_dataset(ds, calib)["source"]):
+        stages["calibration (incl. held-out)"] = lambda: calibration_problems(ds, calib, config["seed"])
+    if prof and loadable(stage_dataset(ds, prof)["source"]):
+        stages["profile"] = lambda: profile_problems(ds, prof, config["seed"])
+    if not stages or not loadable(ds["source"]):
+        return
+    try:
+        evaluated = evaluated_problems(ds, config["seed"])
+        assert_disjoint(evaluated, {name: load() for name, load in stages.items()})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_config(config: dict, cells: list[Cell], local_exec: bool = True) -> None:
     check_model_config_json(config["model"]["id"])  # before read_local_model_config parses it
     check_data_source(config["dataset"])
     check_data_source(config["dataset"], "fewshot_source")
     check_fewshot_source(config["dataset"], config.get("prompt", {}))
     check_calibration_source(config.get("calibration", {}))
+    check_data_leakage(config)
     cfg = read_model_config(config["model"])
     check_model_weights(config["model"]["id"])
     check_engine(config, cells, cfg, local_exec)

@@ -137,3 +137,48 @@ def _finish(tokenizer, i, toks, eos, stop, max_new_tokens, completions) -> bool:
         completions[i] = Completion(i, tokenizer.decode(toks, skip_special_tokens=True), len(toks), "length")
         return True
     return False
+
+
+@torch.inference_mode()
+def time_decode(model, input_ids: torch.Tensor, new_tokens: int, context: RoutingContext | None = None,
+                device: str = "cpu") -> GenerationTiming:
+    """Fixed-shape timing pass (the fast engine's `time_decode` on the reference engine): prefill `input_ids`
+    [B, P] (no padding), then decode until every row has `new_tokens` tokens. EOS and stop strings are ignored,
+    so every step carries all B rows and the clock measures the policy's per-step cost, not how long its
+    outputs were."""
+    from transformers import DynamicCache
+
+    context = context or RoutingContext()
+    input_ids = input_ids.to(device)
+    B, P = input_ids.shape
+    attention = torch.ones_like(input_ids)
+    cache = DynamicCache()
+    timing = GenerationTiming(prompt_lengths=[P] * B, prompt_tokens=B * P, padded_prompt_tokens=B * P)
+    _sync(device)
+    t0 = time.perf_counter()
+    context.valid = attention.bool().reshape(-1)
+    context.phase = "prefill"
+    logits = model(input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True).logits[:, -1]
+    context.end_call()
+    next_token = logits.argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+    timing.prefill_s.append(t1 - t0)
+    position = torch.full((B, 1), P - 1, dtype=torch.long, device=device)
+    for _ in range(new_tokens - 1):
+        attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+        position = position + 1
+        context.valid = torch.ones(B, dtype=torch.bool, device=device)
+        context.phase = "decode"
+        logits = model(input_ids=next_token[:, None], attention_mask=attention, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        context.end_call()
+        next_token = logits.argmax(-1)
+        timing.decode_steps += 1
+    _sync(device)
+    timing.decode_s.append(time.perf_counter() - t1)
+    timing.generated_tokens = B * new_tokens
+    timing.decode_tokens = B * (new_tokens - 1)
+    context.valid = None
+    context.phase = None
+    return timing

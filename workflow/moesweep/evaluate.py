@@ -1,6 +1,7 @@
 """One grid cell end to end: load model, apply routing + precision policy, generate, score, account, write."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import statistics
@@ -11,9 +12,9 @@ import torch
 import transformers
 
 from . import io
-from .data.prompts import build_prompt, get_preset, select_fewshot
-from .data.sources import load_split
-from .engine import generate_greedy
+from .data.prompts import LMEVAL_FEWSHOT_SEED, build_prompt, exemplars_per_question, get_preset
+from .data.sources import SYNTHETIC, assert_disjoint, load_split, problems_hash
+from .engine import generate_greedy, time_decode
 from .grid import FULL_BITS, Cell, config_hash
 from .fast import FAST_BITS
 from .model import install_policy, load_model, resolve_device
@@ -64,10 +65,12 @@ def resolve_engine(requested: str, device: str, widths: set[int], dtype: str, mo
     return requested
 
 
-def load_quantized_tiers(paths: dict[int, str], model_id: str) -> dict[int, dict]:
+def load_quantized_tiers(paths: dict[int, str], model_id: str) -> tuple[dict[int, dict], list[dict]]:
+    """(tiers by width, each file's metadata)."""
     from .quant import load_quantized
 
-    return {bits: load_quantized(path, {"model_id": str(model_id), "bits": bits})[0] for bits, path in paths.items()}
+    loaded = {bits: load_quantized(path, {"model_id": str(model_id), "bits": bits}) for bits, path in paths.items()}
+    return {bits: t for bits, (t, _) in loaded.items()}, [m for _, m in loaded.values()]
 
 
 def read_hotness(hotness_path: str, num_experts: int) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
@@ -93,6 +96,8 @@ def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
 
     A hub data set or the synthetic source supplies its own train split; a local file holds one split,
     so drawing exemplars from it would leak test problems: `dataset.fewshot_source` must name a train file.
+    Per-question presets (lm-eval's protocol) draw from the whole split in file order, as lm-eval does; the
+    synthetic generator has no whole split, so there (and for one fixed set) `fewshot_pool` problems are used.
     """
     if preset.n_shots == 0 or preset.fixed_exemplars is not None:
         return []
@@ -101,7 +106,60 @@ def fewshot_pool(ds: dict, preset, seed: int) -> list[dict]:
         raise ValueError(f"prompt preset {preset.name!r} needs train exemplars, but dataset.source {source!r} is a "
                          f"single local file; set dataset.fewshot_source to a train file (or use a hub id)")
     pool_ds = {**ds, "source": source}
-    return load_split(pool_ds, ds.get("fewshot_split", "train"), ds.get("fewshot_pool", 1000), seed, "fewshot")
+    whole = preset.per_question and source != SYNTHETIC
+    return load_split(pool_ds, ds.get("fewshot_split", "train"), None if whole else ds.get("fewshot_pool", 1000), seed,
+                      "fewshot")
+
+
+def timing_inputs(tokenizer, prompts: list[str], batch_size: int, steps: int, max_positions: int | None) -> torch.Tensor:
+    """Token ids [B, L] of the fixed-shape timing pass: B = the cell's batch size (fewer when there are fewer
+    problems), L = the B-th longest prompt length, each row the first L tokens of a distinct prompt (so no padding,
+    and rows route as different text does), L capped so that L + steps fits the model's context."""
+    ids = sorted((tokenizer(p, add_special_tokens=False).input_ids for p in prompts), key=len, reverse=True)
+    B = min(batch_size, len(ids))
+    L = len(ids[B - 1])
+    if max_positions is not None:
+        L = min(L, max_positions - steps)
+    if L < 1:
+        raise ValueError(f"evaluate.timing_steps {steps} leaves no room for a prompt in the model's context of "
+                         f"{max_positions} positions; allowed: below {max_positions}")
+    return torch.tensor([row[:L] for row in ids[:B]], dtype=torch.long)
+
+
+def check_context(tokenizer, problems: list[dict], prompts: list[str], max_new_tokens: int,
+                  max_positions: int | None) -> list[int]:
+    """Prompt lengths in tokens (as the engines tokenize them); refuses prompt + max_new_tokens beyond the model's
+    context (config.json max_position_embeddings), which would otherwise run silently past what it was trained on."""
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    if max_positions is None:
+        return lengths
+    over = [(p["id"], n) for p, n in zip(problems, lengths) if n + max_new_tokens > max_positions]
+    if over:
+        worst = max(over, key=lambda x: x[1])
+        raise ValueError(f"prompt.max_new_tokens {max_new_tokens}: {len(over)} of {len(prompts)} prompts plus "
+                         f"max_new_tokens exceed the model's context of {max_positions} positions (config.json "
+                         f"max_position_embeddings; longest: problem {worst[0]!r}, {worst[1]} prompt tokens); allowed: "
+                         f"prompt + max_new_tokens <= {max_positions} (use fewer shots or a lower max_new_tokens)")
+    return lengths
+
+
+def artefact_provenance(quantized_meta: list[dict], routing_stats: dict | None, hotness_path: str | None) -> dict:
+    """Sources and content hashes of the data behind the artefacts this cell reads (calibration problems behind its
+    quantized weights or skip thresholds, profiling problems behind its hot/cold map); null when it reads none."""
+    out = {"calibration_source": None, "calibration_hash": None, "profile_source": None, "profile_hash": None}
+    for meta in [*quantized_meta, *([routing_stats] if routing_stats else [])]:
+        if not meta.get("calibration_hash"):
+            raise io.ArtefactError("a calibration artefact of this cell records no calibration_hash (made before "
+                                   "provenance was recorded); rerun the calibrate and quantize stages "
+                                   "(snakemake --forcerun calibrate)")
+        out["calibration_source"], out["calibration_hash"] = meta["calibration_source"], meta["calibration_hash"]
+    if hotness_path:
+        df = pd.read_parquet(hotness_path)
+        if "profile_hash" not in df.columns:
+            raise io.ArtefactError(f"{hotness_path}: records no profile_hash (made before provenance was recorded); "
+                                   f"rerun the profile stage (snakemake --forcerun profile)")
+        out["profile_source"], out["profile_hash"] = str(df["profile_source"].iloc[0]), str(df["profile_hash"].iloc[0])
+    return out
 
 
 def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], hotness_path: str | None,
@@ -119,17 +177,22 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
 
     problems = load_split(ds, ds.get("split", "test"), ds.get("limit"), seed)
     preset = get_preset(pr["preset"])
-    fewshot = select_fewshot(preset, fewshot_pool(ds, preset, seed), seed)
+    pool = fewshot_pool(ds, preset, seed)
+    fewshots = exemplars_per_question(preset, pool, [p["index"] for p in problems], seed)
+    used = {e["id"]: e for shots in fewshots for e in shots}
+    assert_disjoint(problems, {"few-shot exemplars": list(used.values())})
     model, tokenizer, adapter = load_model(mcfg["id"], dtype, device, mcfg.get("revision"),
                                            mcfg.get("trust_remote_code", False))
     engine = resolve_engine(ev.get("engine", "auto"), device, {pc.bits_high, pc.bits_low}, dtype,
                             model.config.model_type)
     chat = tokenizer if pr.get("chat_template") else None
-    prompts = [build_prompt(preset, p["question"], fewshot, chat_template=chat) for p in problems]
+    prompts = [build_prompt(preset, p["question"], shots, chat_template=chat) for p, shots in zip(problems, fewshots)]
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    prompt_lengths_in = check_context(tokenizer, problems, prompts, pr["max_new_tokens"], max_positions)
 
     # Precision first (it rewrites expert weights), then routing (it replaces routers).
     layers = [l.index for l in adapter.layers()]
-    quantized = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else {}
+    quantized, quantized_meta = load_quantized_tiers(quantized_paths, mcfg["id"]) if quantized_paths else ({}, [])
     bytes_by_tier = tier_bytes(quantized, layers, full_expert_bytes(adapter))
     hotness, shares = read_hotness(hotness_path, adapter.num_experts) if hotness_path else (None, None)
     pmap = build_map(pc, layers, adapter.num_experts, bytes_by_tier, hotness, shares)
@@ -139,10 +202,11 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
                 if engine == "reference" and pc.policy in ("dynamic", "frozen") else None)
     if engine == "reference":
         apply_map(adapter, pmap, quantized)  # the fast engine reads the packed tiers themselves
-    betas = None
+    betas, stats = None, None
     if routing_stats_path:
         stats = io.read_json(routing_stats_path, "rerun the calibrate stage (snakemake --forcerun calibrate)")
         betas = {int(k): v for k, v in stats["skip_beta"].items()}
+    provenance = artefact_provenance(quantized_meta, stats, hotness_path)
     context = RoutingContext()
     install_policy(adapter, cell_rec.routing, context, betas)
     if pc.policy == "hotcold":
@@ -194,6 +258,34 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
     # Warm-up on a few prompts (allocator, thread pools, kernel compilation, graph capture) so the clocks measure
     # steady state.
     generate(prompts[: min(4, len(prompts))], 4)
+
+    # Fixed-shape timing pass (issue 19): the cell's batch, one prompt length, a fixed number of steps with EOS and
+    # stop strings ignored, so every cell's clock covers the same work and differs only by what a step costs under
+    # its policy. Median and spread over >= 3 repeats, each from the controller's starting state. Its routing
+    # counters (distinct experts per step at a constant batch) give the weight bytes read per generated token.
+    timing_steps = ev.get("timing_steps", 16)
+    fixed_ids = timing_inputs(tokenizer, prompts, ev["batch_size"], timing_steps, max_positions)
+    fixed_runs = []
+    for _ in range(ev.get("timing_repeats", 3)):
+        context.reset()
+        context.observers = [fresh_controller()] if online else []
+        if online and pc.policy != "offload" and engine == "reference":
+            context.hot_masks = context.observers[0].high
+        if engine == "reference":
+            t = time_decode(model, fixed_ids, timing_steps, context, device)
+        else:
+            fast.reset_stats()
+            t = fast.time_decode(fixed_ids.to(device), timing_steps, read_tokens=True)
+            if online_device is not None:
+                online_device.finish()
+            context.stats = fast.routing_stats()
+        fixed_runs.append(t)
+    fixed_stats = context.stats
+    fixed_steps = fixed_runs[-1].decode_steps
+    fixed_tps = [t.decode_tokens / t.decode_s[0] for t in fixed_runs]
+    fixed_ms = [1e3 * t.decode_s[0] / t.decode_steps for t in fixed_runs]
+    fixed_distinct = sum(s.distinct_experts_decode for s in fixed_stats.values()) / fixed_steps
+    fixed_distinct_high = sum(s.distinct_high_decode for s in fixed_stats.values()) / fixed_steps
     # Repeats: null = 3 on GPU (clocks vary run to run), 1 on CPU (the sweep's time budget).
     repeats = ev.get("repeats") or (3 if device.startswith("cuda") else 1)
     runs = []
@@ -230,14 +322,16 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
 
     dynamic_stats = pc.policy in ("dynamic", "frozen")  # controller.stats is a dynamic.DynamicStats
     rows = []
-    for p, c in zip(problems, completions):
+    for p, c, prompt, shots, n_tok in zip(problems, completions, prompts, fewshots, prompt_lengths_in):
         gold = gold_answer(p["answer"])
         strict = extract_strict(c.text, preset.strict_regex)
         flexible = extract_flexible(c.text)
         rows.append({"cell": cell_rec.id, "problem_id": p["id"], "gold": gold, "prediction_strict": strict,
                      "prediction_flexible": flexible, "correct_strict": exact_match(strict, gold),
                      "correct_flexible": exact_match(flexible, gold), "correct_numeric": numeric_equal(flexible, gold),
-                     "generated_tokens": c.generated_tokens, "stop_reason": c.stopped, "completion": c.text})
+                     "generated_tokens": c.generated_tokens, "stop_reason": c.stopped, "completion": c.text,
+                     "prompt": prompt, "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                     "prompt_tokens": n_tok, "fewshot_ids": [e["id"] for e in shots]})
     problems_df = pd.DataFrame(rows)
 
     layer_rows = []
@@ -284,9 +378,9 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "drop_rate": dropped / routed if routed else 0.0,
         "experts_per_token": float(layers_df["experts_per_token"].mean()),
         "load_imbalance": float(layers_df["load_imbalance"].mean()),
+        # one tier (full, uniform, offload's 16-bit cache): no high/low split, so no hit rate (was 0.0 or 1.0)
         "high_precision_hit_rate": (int(layers_df["hot_hits"].sum()) / max(routed - dropped, 1)
-                                    if pc.policy in ("hotcold", "dynamic", "frozen")
-                                    else (1.0 if pc.policy in ("full", "offload") else 0.0)),
+                                    if pc.policy in ("hotcold", "dynamic", "frozen") else None),
         "alpha": pc.alpha, "update_every": pc.update_every, "delta": pc.delta, "rate_limit": pc.rate_limit,
         "decisions": getattr(getattr(controller, "stats", None), "decisions", None),
         "transitions": getattr(getattr(controller, "stats", None), "transitions", None),
@@ -307,6 +401,13 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "sorted_by_length": True, "engine": engine, "device": device, "threads": threads,
         "model": mcfg.get("name") or str(mcfg["id"]), "model_id": str(mcfg["id"]), "dtype": dtype,
         "dataset": ds["source"], "dataset_split": ds.get("split", "test"), "seed": seed,
+        "dataset_hash": problems_hash(problems),
+        "fewshot_source": (f"{ds.get('fewshot_source') or ds['source']} [{ds.get('fewshot_split', 'train')}]"
+                           if pool else None),
+        "fewshot_hash": problems_hash(list(used.values())) if used else None,
+        "fewshot_seed": (LMEVAL_FEWSHOT_SEED if preset.per_question else seed) if pool else None,
+        "fewshot_per_question": bool(pool) and preset.per_question,
+        **provenance,
         "config_hash": config_hash(settings, cell), "hardware": hardware_name(device),
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "mean_prompt_tokens": timing.prompt_tokens / max(n, 1),
@@ -327,7 +428,22 @@ def evaluate_cell(cell: dict, settings: dict, quantized_paths: dict[int, str], h
         "dense_step_bytes": shapes.dense_step_bytes if shapes else None,
         "embedding_row_bytes": shapes.embedding_row_bytes if shapes else None,
         "kv_bytes_per_token": shapes.kv_bytes_per_token if shapes else None,
+        # fixed-shape timing pass
+        "fixed_batch": int(fixed_ids.shape[0]), "fixed_prompt_tokens": int(fixed_ids.shape[1]),
+        "fixed_decode_steps": fixed_steps, "fixed_repeats": len(fixed_runs),
+        "fixed_decode_tokens_per_s": statistics.median(fixed_tps), "fixed_decode_tokens_per_s_min": min(fixed_tps),
+        "fixed_decode_tokens_per_s_max": max(fixed_tps), "fixed_ms_per_step": statistics.median(fixed_ms),
+        "fixed_ms_per_step_min": min(fixed_ms), "fixed_ms_per_step_max": max(fixed_ms),
+        "fixed_distinct_experts_per_step": fixed_distinct, "fixed_distinct_high_experts_per_step": fixed_distinct_high,
     }
+    B_fixed = summary["fixed_batch"]
+    expert_step = (fixed_distinct_high * summary["expert_bytes_high"]
+                   + (fixed_distinct - fixed_distinct_high) * summary["expert_bytes_low"])
+    summary["expert_bytes_per_token"] = expert_step / B_fixed
+    # What one generated token costs in weight reads at this batch: every non-expert weight once per step (embedding
+    # rows per token), the distinct experts the policy routed to at their tier's packed size; KV reads left out.
+    summary["weight_bytes_per_token"] = ((shapes.dense_step_bytes + B_fixed * shapes.embedding_row_bytes + expert_step)
+                                         / B_fixed if shapes else None)
     for k in ("top_k", "native_top_k", "bits_high", "bits_low"):
         summary[k] = int(summary[k])
     trace = pd.DataFrame(controller.stats.trace if dynamic_stats else [],

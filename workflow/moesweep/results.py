@@ -22,7 +22,8 @@ def table_schema(table: str, profiles: Sequence[str] = ()):
     import yaml
 
     types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
-             "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64())}
+             "list<int64>": pa.list_(pa.int64()), "list<float64>": pa.list_(pa.float64()),
+             "list<string>": pa.list_(pa.string())}
     columns = yaml.safe_load(SCHEMA_FILE.read_text())[table]
     fields = []
     for name, spec in columns.items():
@@ -44,13 +45,37 @@ def _typed(df: pd.DataFrame, table: str, profiles: Sequence[str] = ()):
 
 
 def pareto_mask(accuracy: pd.Series, speed: pd.Series) -> pd.Series:
-    """True where no other cell is at least as accurate and as fast, and strictly better in one."""
+    """True where no other cell is at least as accurate and as fast, and strictly better in one. A cost (lower is
+    better) is passed negated."""
     a, s = accuracy.to_numpy(), speed.to_numpy()
     out = []
     for i in range(len(a)):
         dominated = ((a >= a[i]) & (s >= s[i]) & ((a > a[i]) | (s > s[i]))).any()
         out.append(not dominated)
     return pd.Series(out, index=accuracy.index)
+
+
+def headline_measure(cells: pd.DataFrame) -> str:
+    """The cost axis of the Pareto flag and the headline figure. A CPU clock on this project's models measures Python
+    and kernel-launch overhead, not the policy (README), so off CUDA the axis is the hardware-independent weight
+    bytes read per generated token; when every cell ran on CUDA, the fixed-shape decode tokens/s. A family without
+    cost-model shapes has no dense byte count: its cells use the expert bytes alone, which orders the cells the same
+    (the dense bytes per token are one constant for all cells of a sweep: same model, same fixed batch)."""
+    if cells["device"].astype(str).str.startswith("cuda").all():
+        return "fixed_decode_tokens_per_s"
+    return "weight_bytes_per_token" if cells["weight_bytes_per_token"].notna().all() else "expert_bytes_per_token"
+
+
+def holm(p: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment over the non-null p-values of `p` (the family): the i-th smallest of m becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). Controls the family-wise error rate under any dependence."""
+    valid = p.dropna().sort_values(kind="mergesort")
+    m = len(valid)
+    adjusted, running = {}, 0.0
+    for i, (index, value) in enumerate(valid.items()):
+        running = max(running, min(1.0, (m - i) * value))
+        adjusted[index] = running
+    return pd.Series([adjusted.get(i) for i in p.index], index=p.index, dtype="float64")
 
 
 def mcnemar_vs_reference(cells: pd.DataFrame, problems: pd.DataFrame) -> pd.Series:
@@ -121,8 +146,15 @@ def aggregate(cell_jsons: list[str], problem_files: list[str], layer_files: list
         raise ValueError(f"cells were evaluated on different numbers of problems: {sorted(cells['n'].unique())}")
     cells["capacity_factor"] = cells["capacity_factor"].astype("float64")
     cells["memory_budget"] = cells["memory_budget"].astype("float64")
-    cells["pareto"] = pareto_mask(cells["accuracy_strict"], cells["tokens_per_s"])
+    measure = headline_measure(cells)
+    cost = cells[measure] if measure == "fixed_decode_tokens_per_s" else -cells[measure]
+    if cost.isna().any():
+        raise ValueError(f"{measure} is missing for cells {cells.loc[cost.isna(), 'cell'].tolist()}; rebuild them")
+    cells["pareto_measure"] = measure
+    cells["pareto"] = pareto_mask(cells["accuracy_strict"], cost)
     cells["p_vs_reference"] = mcnemar_vs_reference(cells, problems)
+    is_reference = (cells.routing_policy == REFERENCE[0]) & (cells.precision_policy == REFERENCE[1])
+    cells["p_holm"] = holm(cells["p_vs_reference"].where(~is_reference))
     profiles = list(cost_model.profiles) if cost_model else []
     if cost_model:
         cells = add_projections(cells, layers, cost_model)

@@ -14,13 +14,16 @@ import torch
 
 from . import io
 from .calibrate import _batches, collect_calibration_layerwise, profile_hotness_layerwise
-from .data.sources import CALIBRATION_FORMATS, SYNTHETIC, load_split, text_chunks, training_text
+from .data.sources import (CALIBRATION_FORMATS, SYNTHETIC, assert_disjoint, calibration_problems, evaluated_problems,
+                           leakage_error, problems_hash, profile_problems, stage_dataset, text_chunks, texts_hash,
+                           training_text)
 from .grid import config_hash
 from .model import load_tokenizer, model_fingerprint, resolve_device
 
 log = logging.getLogger(__name__)
 CALIBRATION_FORMAT = "moesweep-calibration"
 CALIBRATION_VERSION = "1"
+PROVENANCE_KEYS = ("calibration_source", "calibration_hash")  # in calibration, quantized and routing-stats files
 
 
 def _skeleton(model_cfg: dict):
@@ -34,9 +37,10 @@ def _tokenizer(model_cfg: dict):
     return load_tokenizer(model_cfg["id"], model_cfg.get("revision"), model_cfg.get("trust_remote_code", False))
 
 
-def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer) -> list:
-    """n_samples + n_heldout samples: problem texts (strings) or, with calibration.format: text, token-id
-    chunks of exactly max_length tokens. Bad data fails here, before any weight is read."""
+def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer) -> tuple[list, dict]:
+    """(samples, provenance): n_samples + n_heldout samples, problem texts (strings) or, with calibration.format:
+    text, token-id chunks of exactly max_length tokens; provenance = {"calibration_source", "calibration_hash"}.
+    Bad data, or problems that are also evaluated (by content hash), fail here, before any weight is read."""
     n, n_ho = calib_cfg["n_samples"], calib_cfg["n_heldout"]
     fmt = calib_cfg.get("format", "problems")
     if fmt not in CALIBRATION_FORMATS:
@@ -46,17 +50,28 @@ def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer
         if not source or source == SYNTHETIC:
             raise ValueError("calibration.format 'text' needs calibration.source: a hub id or a local "
                              ".txt/.jsonl/.json/.parquet file (the synthetic source has no plain text)")
-        return text_chunks(source, calib_cfg.get("config_name"), calib_cfg.get("split", "train"),
-                           calib_cfg.get("text_field", "text"), tokenizer, n + n_ho, calib_cfg["max_length"], seed)
-    source = {**dataset_cfg, "source": calib_cfg.get("source") or dataset_cfg["source"],
-              "config_name": calib_cfg.get("config_name") or dataset_cfg.get("config_name", "main")}
-    problems = load_split(source, calib_cfg.get("split", "train"), n + n_ho, seed, "calibration")
-    return [training_text(p) for p in problems]
+        chunks = text_chunks(source, calib_cfg.get("config_name"), calib_cfg.get("split", "train"),
+                             calib_cfg.get("text_field", "text"), tokenizer, n + n_ho, calib_cfg["max_length"], seed)
+        return chunks, {"calibration_source": f"{source} [{calib_cfg.get('split', 'train')}, text]",
+                        "calibration_hash": texts_hash(chunks)}
+    _refuse_leakage(dataset_cfg, calib_cfg, None)
+    problems = calibration_problems(dataset_cfg, calib_cfg, seed)
+    assert_disjoint(evaluated_problems(dataset_cfg, seed), {"calibration (incl. held-out)": problems})
+    src = stage_dataset(dataset_cfg, calib_cfg)["source"]
+    return [training_text(p) for p in problems], {
+        "calibration_source": f"{src} [{calib_cfg.get('split', 'train')}]", "calibration_hash": problems_hash(problems)}
 
 
-def _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed) -> dict:
+def _refuse_leakage(dataset_cfg: dict, calib_cfg: dict | None, profile_cfg: dict | None) -> None:
+    """The DAG-time refusal (checks.check_data_leakage), repeated for a stage called from Python."""
+    why = leakage_error(dataset_cfg, calib_cfg or {"source": "-"}, profile_cfg or {"source": "-"})
+    if why:
+        raise ValueError(why)
+
+
+def _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed, provenance: dict) -> dict:
     return {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
-            "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed),
+            "config_hash": config_hash(model_cfg, dataset_cfg, calib_cfg, seed), **provenance,
             **{k: str(v) for k, v in model_fingerprint(model_cfg["id"]).items()}}
 
 
@@ -79,12 +94,12 @@ def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: i
     2 x 118 GB: use quantization.fused there, which never stores them)."""
     torch.manual_seed(seed)
     tokenizer = _tokenizer(model_cfg)
-    samples = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
+    samples, provenance = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
     device = resolve_device(calib_cfg.get("device", "cpu"), "calibration.device")
     _, adapter, _, runners = _layerwise_runners(model_cfg, calib_cfg, samples, tokenizer, device)
     results = collect_calibration_layerwise(runners, adapter, calib_cfg.get("expert_inputs", "routed"),
                                             progress=progress)
-    meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
+    meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed, provenance)
     n = calib_cfg["n_samples"]
     for part, out, count in (("calibration", out_hessians, n), ("heldout", out_heldout, len(samples) - n)):
         res = results[part]
@@ -92,12 +107,12 @@ def calibrate_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, seed: i
         tensors = {f"hessian.{k}": v for k, v in res.hessians.items()}
         tensors.update({f"tokens.{k}": v for k, v in res.token_counts.items()})
         io.save_safetensors(out, tensors, {**meta, "part": part, "tokens": str(res.tokens), "samples": str(count)})
-    _write_stats(out_stats, results["calibration"], n, meta["config_hash"])
+    _write_stats(out_stats, results["calibration"], n, meta["config_hash"], provenance)
 
 
-def _write_stats(path, cal, n, chash):
+def _write_stats(path, cal, n, chash, provenance: dict):
     io.write_json(path, {"skip_beta": {str(k): v for k, v in sorted(cal.skip_beta.items())}, "tokens": cal.tokens,
-                         "samples": n, "config_hash": chash})
+                         "samples": n, "config_hash": chash, **provenance})
 
 
 class CalibrationReader:
@@ -235,7 +250,9 @@ def quantize_stage(model_cfg: dict, quant_cfg: dict, bits: int, method: str, hes
     held = CalibrationReader(heldout_path, model_cfg["id"])
     ckpt, _, adapter, dtype = _skeleton(model_cfg)
     meta = {"model_id": str(model_cfg["id"]), "calibration_config_hash": cal.meta.get("config_hash", ""),
-            "config_hash": config_hash(model_cfg, quant_cfg, bits, method)}
+            "config_hash": config_hash(model_cfg, quant_cfg, bits, method),
+            # provenance of the data behind the Hessians, carried into every cell that reads these weights
+            **{k: cal.meta.get(k, "") for k in PROVENANCE_KEYS}}
     rows = []
     with QuantizedWriter(out_weights, spec, _expert_shapes(adapter), meta) as writer:
         for layer in adapter.layers():
@@ -267,15 +284,15 @@ def fused_quantize_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, qu
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(model_cfg)
-    samples = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
+    samples, provenance = calibration_samples(dataset_cfg, calib_cfg, seed, tokenizer)
     device = resolve_device(quant_cfg.get("device", calib_cfg.get("device", "cpu")), "quantization.device")
     specs = [_spec(quant_cfg, b, method) for b in widths]
     ckpt, adapter, dtype, runners = _layerwise_runners(model_cfg, calib_cfg, samples, tokenizer, device)
-    cal_meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed)
+    cal_meta = _calibration_meta(model_cfg, dataset_cfg, calib_cfg, seed, provenance)
     shapes = _expert_shapes(adapter)
     writers = {s.bits: QuantizedWriter(out_weights[s.bits], s, shapes, {
         "model_id": str(model_cfg["id"]), "calibration_config_hash": cal_meta["config_hash"],
-        "config_hash": config_hash(model_cfg, quant_cfg, s.bits, method)}) for s in specs}
+        "config_hash": config_hash(model_cfg, quant_cfg, s.bits, method), **provenance}) for s in specs}
     rows = {s.bits: [] for s in specs}
 
     def on_layer(moe, hess, counts):
@@ -300,7 +317,7 @@ def fused_quantize_stage(model_cfg: dict, dataset_cfg: dict, calib_cfg: dict, qu
         w.close()
     for bits, path in out_errors.items():
         io.write_parquet(path, pd.DataFrame(rows[bits]))
-    _write_stats(out_stats, results["calibration"], calib_cfg["n_samples"], cal_meta["config_hash"])
+    _write_stats(out_stats, results["calibration"], calib_cfg["n_samples"], cal_meta["config_hash"], provenance)
 
 
 
@@ -312,7 +329,9 @@ def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: i
     from .layerwise import LayerwiseModel
 
     torch.manual_seed(seed)
-    problems = load_split(dataset_cfg, "train", profile_cfg["n_samples"], seed, "profile")
+    _refuse_leakage(dataset_cfg, None, profile_cfg)
+    problems = profile_problems(dataset_cfg, profile_cfg, seed)
+    assert_disjoint(evaluated_problems(dataset_cfg, seed), {"profile": problems})
     device = resolve_device(profile_cfg.get("device", "cpu"), "profile.device")
     tokenizer = _tokenizer(model_cfg)
     ckpt, model, adapter, dtype = _skeleton(model_cfg)
@@ -324,4 +343,6 @@ def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: i
     df = pd.DataFrame(rows)
     # device is hashed too, as calibration.device is: float results on another device may differ in the last bits
     df["config_hash"] = config_hash(model_cfg, dataset_cfg, profile_cfg, seed)
+    df["profile_source"] = f"{stage_dataset(dataset_cfg, profile_cfg)['source']} [{profile_cfg.get('split', 'train')}]"
+    df["profile_hash"] = problems_hash(problems)
     io.write_parquet(out, df)

@@ -41,6 +41,7 @@ rule plot_trade_off:
         layers=f"{OUT}/summary/layers.parquet",
     output:
         pareto=report(f"{OUT}/figures/pareto.png", caption="../report/pareto.rst", category="Trade-off"),
+        throughput=report(f"{OUT}/figures/throughput.png", caption="../report/throughput.rst", category="Trade-off"),
         capacity=report(f"{OUT}/figures/capacity_factor.png", caption="../report/capacity_factor.rst", category="Trade-off"),
         budget=report(f"{OUT}/figures/precision_budget.png", caption="../report/precision_budget.rst", category="Trade-off"),
         dynamic=report(f"{OUT}/figures/dynamic_precision.png", caption="../report/dynamic_precision.rst", category="Trade-off"),

@@ -1,12 +1,15 @@
 """GSM8K loading: a hub id (e.g. "openai/gsm8k") or a local .jsonl/.json/.parquet file in GSM8K format.
 
-Both paths go through `datasets.load_dataset`, so a local file is read exactly as the hub copy would be.
-Every record must have `question` and `answer`, and the answer must end with a `#### N` line (the
-GSM8K convention that lm-eval's scoring relies on). Bad input fails early with one message naming the
-source and the record index, rather than producing a silently wrong accuracy later.
+A hub id and local .json/.parquet files go through `datasets.load_dataset`; a local .jsonl file is read
+line by line here, so a malformed line is reported with its line number (datasets' JSON reader names none)
+and a column of mixed types cannot fail inside Arrow. Every record must have `question` and `answer`
+strings, and the answer must end with a `#### N` line whose N is a number (the GSM8K convention that
+lm-eval's scoring relies on). Bad input fails early with one message naming the source and the record,
+rather than producing a silently wrong accuracy later.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -16,6 +19,8 @@ LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 REQUIRED_FIELDS = ("question", "answer")
 # GSM8K's gold line is "#### 72"; we require something non-blank after the marker.
 GOLD_LINE = re.compile(r"####[ \t]*\S")
+# What gold_answer must leave for lm-eval's exact match to be meaningful: a number ("72", "-5", "3.5").
+GOLD_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
 
 def gold_answer(answer: str) -> str:
@@ -29,12 +34,15 @@ def gold_answer(answer: str) -> str:
 
 
 def load_gsm8k(source: str, config_name: str = "main", split: str = "test") -> list[dict]:
-    """Load GSM8K records as dicts with `id`, `question`, `answer` (answer = the full worked solution).
+    """Load GSM8K records as dicts with `id`, `index`, `question`, `answer` (answer = the full worked solution).
 
-    `id` is the record's own `id` field when it has one, else f"{split}-{index:05d}" in file order.
+    `id` is the record's own `id` field when it has one, else f"{split}-{index:05d}" in file order; `index`
+    is the record's position in the split (lm-eval's doc_id: its few-shot draws follow this order).
     """
     suffix = os.path.splitext(source)[1].lower()
-    if suffix in LOCAL_LOADERS:
+    if suffix == ".jsonl":
+        table = _read_jsonl(source)
+    elif suffix in LOCAL_LOADERS:
         table = _load_local(source, suffix, split)
     elif os.path.isfile(source):
         raise ValueError(f"{source}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_LOADERS)}")
@@ -53,6 +61,31 @@ def load_gsm8k(source: str, config_name: str = "main", split: str = "test") -> l
     return records
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    """Records of a JSON-lines file; blank lines are skipped, anything else must be one JSON object."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: file is empty")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object with "
+                                     f"'question' and 'answer'")
+                rows.append(row)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a line)") from None
+    return rows
+
+
 def _load_local(path: str, suffix: str, split: str):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
@@ -68,14 +101,24 @@ def _load_local(path: str, suffix: str, split: str):
 
 
 def _checked_record(source: str, split: str, index: int, row: dict) -> dict:
-    for field in REQUIRED_FIELDS:
-        if not isinstance(row.get(field), str) or not row[field].strip():
-            raise ValueError(f"{source}: record {index} has no {field!r} field (or it is empty)")
-    if not GOLD_LINE.search(row["answer"]):
-        raise ValueError(f"{source}: record {index}: gold answer has no '#### N' line")
     own_id = row.get("id")
     record_id = str(own_id) if own_id is not None else f"{split}-{index:05d}"
-    return {"id": record_id, "question": row["question"], "answer": row["answer"]}
+    where = f"{source}: record {index} (id {record_id!r})"
+    for field in REQUIRED_FIELDS:
+        value = row.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Reported for what it is: a bare number is not GSM8K's worked solution ending in '#### N'.
+            raise ValueError(f"{where}: {field!r} is a number ({value!r}), not text; GSM8K's {field} is a string"
+                             + (" ending in a '#### N' line" if field == "answer" else ""))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where} has no {field!r} field (or it is empty)")
+    if not GOLD_LINE.search(row["answer"]):
+        raise ValueError(f"{where}: gold answer has no '#### N' line")
+    gold = gold_answer(row["answer"])
+    if not GOLD_NUMBER.fullmatch(gold):
+        raise ValueError(f"{where}: gold answer '#### {row['answer'].split('####')[-1].strip()}' is not a number; "
+                         f"allowed: digits with an optional '-', '.', ',' or '$' (e.g. '#### 72')")
+    return {"id": record_id, "index": index, "question": row["question"], "answer": row["answer"]}
 
 
 def subsample(records: list[dict], limit: int | None, seed: int) -> list[dict]:

@@ -6,7 +6,9 @@ A prompt is rendered the way lm-eval 0.4.13 renders a `generate_until` task (api
     exemplar_1 + fewshot_delimiter + ... + exemplar_n + fewshot_delimiter + question_template(q)
     exemplar = question_template(q_i) + target_delimiter + answer_i
 
-Presets (see PRESETS): `zeroshot`, `lmeval_gsm8k`, `lmeval_gsm8k_cot`, `qwen3_4shot_cot`.
+Presets (see PRESETS): `zeroshot`, `lmeval_gsm8k`, `lmeval_gsm8k_fixed`, `lmeval_gsm8k_cot`, `qwen3_4shot_cot`.
+`lmeval_gsm8k` draws each question's exemplars as lm-eval does (`exemplars_per_question`); `lmeval_gsm8k_fixed`
+is the same prompt with one drawn set for every question.
 Chat mode is a flag, not a preset: `build_prompt(..., chat_template=tokenizer)` renders the same turns
 through the tokenizer's chat template with Qwen3's thinking disabled.
 """
@@ -132,6 +134,9 @@ class PromptPreset:
     # Fixed exemplars (question, answer), used first-n; None = draw n_shots from the train split by seed.
     fixed_exemplars: tuple[tuple[str, str], ...] | None = None
     source: str = ""
+    # Drawn presets only: True = a fresh set per question from one Random(1234) stream over the whole train split,
+    # in test-split order (lm-eval's default sampler); False = one set drawn by the config seed for every question.
+    per_question: bool = False
 
     def render_question(self, question: str) -> str:
         # str.replace, not str.format: questions may contain braces.
@@ -156,8 +161,19 @@ PRESETS: dict[str, PromptPreset] = {
             stop=_QUESTION_STOPS,
             strict_regex=_HASH_REGEX,
             question_template="Question: {question}\nAnswer:",
-            source="lm-eval 0.4.13 task gsm8k (tasks/gsm8k/gsm8k.yaml): 5 exemplars drawn at random from "
-            "train (lm-eval's default fewshot seed is 1234), exemplar answer = full solution with '#### N'.",
+            per_question=True,
+            source="lm-eval 0.4.13 task gsm8k (tasks/gsm8k/gsm8k.yaml): 5 exemplars per question drawn from the "
+            "whole train split by one random.Random(1234) stream in test-split order (its default sampler and "
+            "fewshot seed), exemplar answer = full solution with '#### N'.",
+        ),
+        PromptPreset(
+            name="lmeval_gsm8k_fixed",
+            n_shots=5,
+            stop=_QUESTION_STOPS,
+            strict_regex=_HASH_REGEX,
+            question_template="Question: {question}\nAnswer:",
+            source="lm-eval gsm8k's prompt with ONE exemplar set for every question, drawn by the config seed from "
+            "dataset.fewshot_pool train problems (not lm-eval's protocol: every prompt shares its prefix).",
         ),
         PromptPreset(
             name="lmeval_gsm8k_cot",
@@ -207,7 +223,8 @@ def select_fewshot(preset: PromptPreset, train_records: list[dict], seed: int) -
     pass a per-question seed; one set for the whole run keeps every prompt's prefix identical.
     """
     if preset.fixed_exemplars is not None:
-        return [{"question": q, "answer": a} for q, a in preset.fixed_exemplars[: preset.n_shots]]
+        return [{"id": f"{preset.name}-{i}", "question": q, "answer": a}
+                for i, (q, a) in enumerate(preset.fixed_exemplars[: preset.n_shots])]
     if preset.n_shots == 0:
         return []
     if len(train_records) < preset.n_shots:
@@ -215,10 +232,11 @@ def select_fewshot(preset: PromptPreset, train_records: list[dict], seed: int) -
             f"preset {preset.name!r} needs {preset.n_shots} exemplars but only {len(train_records)} "
             "train records were given"
         )
-    return [
-        {"question": r["question"], "answer": r["answer"]}
-        for r in random.Random(seed).sample(train_records, preset.n_shots)
-    ]
+    return [_exemplar(r) for r in random.Random(seed).sample(train_records, preset.n_shots)]
+
+
+def _exemplar(record: dict) -> dict:
+    return {"id": record.get("id"), "question": record["question"], "answer": record["answer"]}
 
 
 def lmeval_fewshot_sets(preset: PromptPreset, train_records: list[dict], n_questions: int, seed: int = 1234) -> list[list[dict]]:
@@ -228,10 +246,21 @@ def lmeval_fewshot_sets(preset: PromptPreset, train_records: list[dict], n_quest
         return [select_fewshot(preset, train_records, seed) for _ in range(n_questions)]
     select_fewshot(preset, train_records, seed)  # same size check and message
     stream = random.Random(seed)
-    return [
-        [{"question": r["question"], "answer": r["answer"]} for r in stream.sample(train_records, preset.n_shots)]
-        for _ in range(n_questions)
-    ]
+    return [[_exemplar(r) for r in stream.sample(train_records, preset.n_shots)] for _ in range(n_questions)]
+
+
+LMEVAL_FEWSHOT_SEED = 1234  # lm-eval's default --seed for few-shot sampling (the fourth of "0,1234,1234,1234")
+
+
+def exemplars_per_question(preset: PromptPreset, pool: list[dict], positions: list[int], seed: int) -> list[list[dict]]:
+    """Each evaluated question's exemplars. `positions` are the questions' indices in their split (lm-eval's doc
+    order: its stream advances once per question, so question j gets the j-th draw whether or not the questions
+    before it are evaluated). Per-question presets draw as lm-eval does; the others use one set (select_fewshot)."""
+    if preset.per_question and preset.fixed_exemplars is None and preset.n_shots:
+        sets = lmeval_fewshot_sets(preset, pool, max(positions) + 1 if positions else 0, LMEVAL_FEWSHOT_SEED)
+        return [sets[j] for j in positions]
+    one = select_fewshot(preset, pool, seed)
+    return [one for _ in positions]
 
 
 def build_prompt(
