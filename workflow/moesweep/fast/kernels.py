@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..routing import routing_increments
+from ..routing_spec import COUNTERS
 from . import FAST_BITS
 
 
@@ -372,18 +373,33 @@ def aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_
     return onehot, counts
 
 
+# routing_spec.COUNTERS as the kernels see it: how many, a power-of-two tile holding them, and each one's slot
+N_COUNTERS = tl.constexpr(len(COUNTERS))
+COUNTER_SLOTS = tl.constexpr(triton.next_power_of_2(len(COUNTERS)))
+_TOKENS = tl.constexpr(COUNTERS.index("tokens"))
+_ROUTED = tl.constexpr(COUNTERS.index("routed"))
+_DROPPED = tl.constexpr(COUNTERS.index("dropped"))
+_HOT_HITS = tl.constexpr(COUNTERS.index("hot_hits"))
+_DECODE_CALLS = tl.constexpr(COUNTERS.index("decode_calls"))
+_DECODE_TOKENS = tl.constexpr(COUNTERS.index("decode_tokens"))
+_DECODE_KEPT = tl.constexpr(COUNTERS.index("decode_kept"))
+_DISTINCT = tl.constexpr(COUNTERS.index("distinct_experts_decode"))
+_DISTINCT_HIGH = tl.constexpr(COUNTERS.index("distinct_high_decode"))
+
+
 @triton.jit
 def routing_counters(c, tokens, routed, counts, hot, DECODE: tl.constexpr):
-    """routing.routing_increments' counts as an int64 vector over counter index c (LayerRoutingStats.COUNTERS order,
-    entries past the 9th 0): tokens valid, assignments the policy routed, counts [E_P2] kept per expert, hot [E_P2]
-    0/1 high-precision experts; the decode counters only for decode calls."""
+    """routing.routing_increments' counts as an int64 vector over counter index c (routing_spec.COUNTERS order,
+    entries from N_COUNTERS on 0): tokens valid, assignments the policy routed, counts [E_P2] kept per expert,
+    hot [E_P2] 0/1 high-precision experts; the decode counters only for decode calls."""
     kept = tl.sum(counts, 0)
-    values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
-        tl.where(c == 3, tl.sum(counts * hot, 0), 0)
+    values = tl.where(c == _TOKENS, tokens, 0) + tl.where(c == _ROUTED, routed, 0) + \
+        tl.where(c == _DROPPED, routed - kept, 0) + tl.where(c == _HOT_HITS, tl.sum(counts * hot, 0), 0)
     if DECODE:
         hit = (counts > 0).to(tl.int32)
-        values += tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + tl.where(c == 6, kept, 0) + \
-            tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
+        values += tl.where(c == _DECODE_CALLS, 1, 0) + tl.where(c == _DECODE_TOKENS, tokens, 0) + \
+            tl.where(c == _DECODE_KEPT, kept, 0) + tl.where(c == _DISTINCT, tl.sum(hit, 0), 0) + \
+            tl.where(c == _DISTINCT_HIGH, tl.sum(hit * hot, 0), 0)
     return values.to(tl.int64)
 
 
@@ -403,7 +419,7 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
     expert = tl.load(index_ptr + i, mask=i < n, other=num_experts).to(tl.int32)
     _, counts = aligned_blocks(expert, i, n, num_experts, capacity, max_blocks, sorted_ptr, block_expert_ptr,
                                E_P2, BLOCK_M, FILL, BLOCKS)
-    if ACCOUNT:  # routing_increments, in LayerRoutingStats.COUNTERS order
+    if ACCOUNT:  # routing_increments, in routing_spec.COUNTERS order
         t = tl.arange(0, T_P2)
         tokens = tl.sum(tl.load(valid_ptr + t, mask=t < T, other=0).to(tl.int32), 0)
         routed = tl.sum(tl.load(keep_policy_ptr + i, mask=i < n, other=0).to(tl.int32), 0)
@@ -411,9 +427,10 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
             hot = tl.load(hot_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
         else:
             hot = tl.zeros((E_P2,), dtype=tl.int32)
-        c = tl.arange(0, 16)
-        acc = tl.load(counts_acc_ptr + c, mask=c < 9, other=0)
-        tl.store(counts_acc_ptr + c, acc + routing_counters(c, tokens, routed, counts, hot, DECODE), mask=c < 9)
+        c = tl.arange(0, COUNTER_SLOTS)
+        acc = tl.load(counts_acc_ptr + c, mask=c < N_COUNTERS, other=0)
+        tl.store(counts_acc_ptr + c, acc + routing_counters(c, tokens, routed, counts, hot, DECODE),
+                 mask=c < N_COUNTERS)
         live = e < num_experts
         tl.store(hits_ptr + e, counts.to(tl.int64), mask=live)
         tl.store(load_acc_ptr + e, tl.load(load_acc_ptr + e, mask=live, other=0) + counts.to(tl.int64), mask=live)
