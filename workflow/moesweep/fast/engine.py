@@ -1,7 +1,7 @@
 """Fast decode path for transformers' Qwen3-MoE: static KV cache, CUDA-graph decode step, grouped expert kernels.
 
-Why not `generate`: NOTES.md §6 measured it overhead-bound on the H200 (13.7 tok/s at batch 1, the same under
-top-1 routing), and `torch.compile(mode="reduce-overhead")` over transformers' static cache crashed. So this
+Why not `generate`: it is overhead-bound (benchmarks/results/nvidia-h200/fast_engine.md: 10.9 tok/s at batch 1
+on the H200, 91 ms a step where the weights take ~1.5 ms to read), and `torch.compile(mode="reduce-overhead")` over transformers' static cache crashed. So this
 module owns the cache and the graph, and reuses the checkpoint's own weights (embedding, norms, attention
 projections, rotary embedding, lm_head). The MoE block is replaced by the policy's router (routing.route, which
 has no host synchronisation) and FastMoeExperts.

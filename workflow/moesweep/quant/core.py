@@ -2,7 +2,7 @@
 
 Why llm-compressor: GPTQ is taken from llm-compressor's low-level, batched `quantize_weight`
 (maintained by the vLLM project). auto-gptq is archived and cannot even be imported on transformers 5
-(NOTES.md section 1). The quantization grid (scales, zero points, range, rounding) comes from
+(`cannot import name 'no_init_weights'`). The quantization grid (scales, zero points, range, rounding) comes from
 compressed-tensors' `calculate_qparams`, the same code llm-compressor's observers call.
 
 Grid and stored numbers, per expert e, output row o, input column c, group g = c // group_size:
