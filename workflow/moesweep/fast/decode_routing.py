@@ -3,7 +3,7 @@
 Written by hand because it is the project's own contribution (the routing policies) and because, at decode, the
 compiled torch version is 5-6 launches per layer (softmax and sort, the policy's masks, renormalisation, capacity,
 block alignment, accounting), each a few µs of launch latency for a few KB of work: ~10 µs per layer, a sixth of
-a batch-1 layer (benchmarks/results/profile_decode_step_h200.md). One program does all of it from the router
+a batch-1 layer (benchmarks/results/nvidia-h200/profile_decode_step.md). One program does all of it from the router
 logits [T, E], with every intermediate in registers.
 
 Semantics are routing.route's with sort_topk=True followed by kernels.align_and_account (tests/unit/
