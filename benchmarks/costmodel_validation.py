@@ -1,6 +1,6 @@
 """Cost model (workflow/moesweep/costmodel.py) against the fast engine's measured decode speed on the H200.
 
-Reads the recorded table of benchmarks/fast_engine.py (benchmarks/results/fast_engine_h200.md: Qwen3-30B-A3B
+Reads the recorded table of benchmarks/fast_engine.py (benchmarks/results/nvidia-h200/fast_engine.md: Qwen3-30B-A3B
 shapes, measured distinct experts per layer and decode step for each variant and batch), builds each row's
 traffic with the cost model's own shape arithmetic (config/models/qwen3-30b-a3b.json) and predicts tokens/s with
 the shipped `h200_141gb` profile. Prints and writes projected vs measured and the relative error, and the per-step
@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT / "workflow"))
 
 from moesweep.costmodel import DecodeTraffic, ModelShapes, load_hardware_file, predict  # noqa: E402
 
-TABLE = ROOT / "benchmarks" / "results" / "fast_engine_h200.md"
-OUT = ROOT / "benchmarks" / "results" / "costmodel_validation_h200.md"
+CARD = ROOT / "benchmarks" / "results" / "nvidia-h200"  # the card the fast engine's table was measured on
+TABLE = CARD / "fast_engine.md"
+OUT = CARD / "costmodel_validation.md"
 PROMPT, NEW = 128, 128  # the benchmark's prompt and new tokens: mean decode context = P + N/2
 TIERS = {"bf16": (16, 16), "int8 experts": (8, 8), "int4 experts": (4, 4), "int2 experts": (2, 2),
          "hot/cold 25% bf16, rest int4": (16, 4), "top-1, CF 1.0 (bf16)": (16, 16)}

@@ -9,7 +9,7 @@ q/k/v take the kernel without split (bf16 output) in the engine. F.linear's time
 includes cuBLAS's own split-K reduction launch when it picks one.
 
 Command (H200 through the device tool; needs CUDA):
-    PYTHONPATH=workflow python3 benchmarks/decode_gemv.py --out $OUT/decode_gemv_h200.md
+    PYTHONPATH=workflow python3 benchmarks/decode_gemv.py --out benchmarks/results/<card>/decode_gemv.md
 """
 from __future__ import annotations
 

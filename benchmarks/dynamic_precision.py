@@ -19,7 +19,7 @@ Random weights have no expert specialisation: over a run every expert is used al
 an upper bound on its copy traffic. The starting map is the first N experts (all experts are alike here).
 
 Command (H200 through the device tool):
-    PYTHONPATH=workflow python3 benchmarks/dynamic_precision.py --out $OUT/dynamic_precision_h200.md
+    PYTHONPATH=workflow python3 benchmarks/dynamic_precision.py --out benchmarks/results/<card>/dynamic_precision.md
 """
 from __future__ import annotations
 

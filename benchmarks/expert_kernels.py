@@ -27,7 +27,7 @@ timed over C copies of the matrix (C up to 32) in a CUDA graph when the contende
 events (marked); median of --repeats.
 
 Command (H200/H100 through the device tool; needs CUDA, about two minutes, most of it Triton compiling):
-    PYTHONPATH=workflow python3 benchmarks/expert_kernels.py --out benchmarks/results/expert_kernels_lowbit.md
+    PYTHONPATH=workflow python3 benchmarks/expert_kernels.py --out benchmarks/results/<card>/expert_kernels.md
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ of the roofline = (bytes needed / measured copy bandwidth) / measured step time.
 `generate` with its `grouped_mm` experts, runs in the same process on the same weights.
 
 Command (H200 through the device tool):
-    PYTHONPATH=workflow python3 benchmarks/fast_engine.py --out $OUT/fast_engine_h200.md
+    PYTHONPATH=workflow python3 benchmarks/fast_engine.py --out benchmarks/results/<card>/fast_engine.md
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ each step's top-1 minus top-2 logit). Then, on the same weights:
   same left-padded batch of 8.
 
 Command (H200 through the device tool):
-    PYTHONPATH=workflow python3 benchmarks/greedy_agreement.py --out $OUT/greedy_agreement_h200.md
+    PYTHONPATH=workflow python3 benchmarks/greedy_agreement.py --out benchmarks/results/<card>/greedy_agreement.md
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "workflow"))
+
+
+def card_slug(card: str) -> str:
+    """A card's folder of results, benchmarks/results/<card>/: its name lower-cased, every run of other characters
+    one '-' ("NVIDIA H200" -> nvidia-h200); CPU results go to cpu/."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
 
 
 def cpu_name() -> str:
@@ -89,7 +97,7 @@ def common_parser(doc: str, out_name: str, n_samples: int, max_length: int, batc
     ap.add_argument("--batch-size", type=int, default=batch_size)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out_name))
+    ap.add_argument("--out", default=str(RESULTS / "cpu" / out_name))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     return ap

@@ -5,7 +5,7 @@ Qwen3-30B-A3B shapes (random bf16 weights), one variant and batch: capture the d
 kernel names by total GPU time per step, and the sum against the measured step time.
 
 Command (H200 through the device tool):
-    PYTHONPATH=workflow python3 benchmarks/profile_decode_step.py --out $OUT/profile_decode_step_h200.md
+    PYTHONPATH=workflow python3 benchmarks/profile_decode_step.py --out benchmarks/results/<card>/profile_decode_step.md
 """
 from __future__ import annotations
 

@@ -105,8 +105,8 @@ def main():
         f"- Time: 48 x {per_layer:.0f} s = **{48 * per_layer / 3600:.1f} h** for {args.method} on these 2 shared CPU "
         f"cores. Besides the method itself, every layer pays the float64 Hessian accumulation "
         f"(O(tokens x k x (H^2 + I^2))) and the held-out error tr(dW H dW^T) (O(E x out x in^2) per width, in float64). "
-        f"GPTQ adds its block loop: about 3 s per expert for 4 widths on this CPU (quantize_widths.md), i.e. ~6 min per "
-        f"layer more. On a GPU all of these are batched matrix products; not measured on a GPU here.",
+        f"GPTQ adds its block loop: about 3 s per expert for 4 widths on this CPU (results/cpu/quantize_widths.md), "
+        f"i.e. ~6 min per layer more. On a GPU all of these are batched matrix products; not measured on a GPU here.",
     ]) + "\n"
     print(text)
     write_text(args.out, text)

@@ -1,7 +1,7 @@
 """Wall time of the whole fused quantize stage at one width vs four widths, at Qwen3-30B-A3B layer shapes.
 
-Issue #4 asks whether four widths cost <= 1.5x one width thanks to the shared Hessians. quantize_widths.md times
-the GPTQ solve alone (only the factorisation is shared there); what the pipeline shares across widths is the whole
+Issue #4 asks whether four widths cost <= 1.5x one width thanks to the shared Hessians.
+results/cpu/quantize_widths.md times the GPTQ solve alone (only the factorisation is shared there); what the pipeline shares across widths is the whole
 calibration, so this times stages.fused_quantize_stage (load each layer, calibration + held-out forward, float64
 per-expert Hessians, GPTQ, held-out error, write) on a random checkpoint (layerwise_harness.random_checkpoint)
 for three configurations, each run in a fresh child process:
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from layerwise_harness import common_parser, header, random_checkpoint, run_child  # noqa: E402
+from layerwise_harness import RESULTS, card_slug, common_parser, header, random_checkpoint, run_child  # noqa: E402
 
 ONE, WIDTHS = 4, (2, 3, 4, 8)
 PER_WIDTH = ("GPTQ", "error", "write")  # parts of the breakdown done once per width; the others once per layer
@@ -243,7 +243,9 @@ def main():
     default_out = ap.get_default("out")
     if args.device != "cpu":  # never overwrite the CPU record with GPU numbers
         if args.out == default_out:
-            args.out = default_out.replace(".md", "_gpu.md")
+            import torch
+
+            args.out = str(RESULTS / card_slug(torch.cuda.get_device_name(args.device)) / Path(default_out).name)
         elif Path(args.out).resolve() == Path(default_out).resolve():
             sys.exit(f"--device {args.device}: write elsewhere than the CPU record {default_out}")
 

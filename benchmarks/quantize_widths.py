@@ -178,7 +178,7 @@ def main():
     ap.add_argument("--qwen-intermediate", type=int, default=768)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize_widths.md"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu" / "quantize_widths.md"))
     args = ap.parse_args()
     args.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Throughput of the reference engine (transformers modules + the project's decode loop) per routing policy.
 
-Prints a table and writes benchmarks/results/reference_engine_<device>.md. Medians of --repeats timed runs after
-one warm-up, ratios against native top-k measured in the same process. Usage:
+Prints a table and writes benchmarks/results/<card>/reference_engine.md (<card>: the GPU's name as a folder name,
+or cpu). Medians of --repeats timed runs after one warm-up, ratios against native top-k measured in the same
+process. Usage:
     PYTHONPATH=workflow python benchmarks/reference_engine.py --device cuda --repeats 5
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moesweep.engine import generate_greedy  # noqa: E402
 from moesweep.grid import Routing  # noqa: E402
 from moesweep.model import install_policy, load_model  # noqa: E402
 from moesweep.routing import RoutingContext  # noqa: E402
+from layerwise_harness import RESULTS, card_slug  # noqa: E402
 
 POLICIES = [Routing("native"), Routing("topk", top_k=2), Routing("topk", top_k=1),
             Routing("topk", top_k=1, capacity_factor=1.0)]
@@ -67,7 +69,8 @@ def main() -> None:
             f"model {Path(args.model).name}, fp32, {args.n} synthetic test problems, greedy, ≤ {args.max_new_tokens} new "
             f"tokens, median of {args.repeats} runs after a warm-up.\n\n{table}")
     print(text)
-    out = Path(args.out or ROOT / f"benchmarks/results/reference_engine_{args.device.split(':')[0]}.md")
+    card = card_slug(torch.cuda.get_device_name(args.device)) if args.device.startswith("cuda") else "cpu"
+    out = Path(args.out or RESULTS / card / "reference_engine.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

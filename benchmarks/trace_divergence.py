@@ -8,7 +8,7 @@ The fast engine runs its decode step eagerly (no CUDA graph) with a recorder aro
 that of the compiled step but for inductor's fusion order.
 
 Command (H200 through the device tool):
-    PYTHONPATH=workflow python3 benchmarks/trace_divergence.py --at 1:103 0:75 7:108 --out $OUT/trace_divergence_h200.md
+    PYTHONPATH=workflow python3 benchmarks/trace_divergence.py --at 1:103 0:75 7:108 --out benchmarks/results/<card>/trace_divergence.md
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moesweep.checks import ConfigError, check_config, full_expert_bytes_total, packed_expert_bytes, smallest_budget
+from moesweep.checks import ConfigError, check_config, full_expert_bytes_total, smallest_budget
 from moesweep.grid import expand_grid
+from moesweep.quant.format import packed_expert_bytes
 
 
 def config(model_id, **over):
@@ -24,10 +25,23 @@ NATIVE = expand_grid([{"routing": {"policy": "native"}, "precision": {"policy": 
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_byte_formula_equals_the_packed_format(bits, group_size, symmetric):
+    """The one byte formula (DAG-time budgets and run time alike) against the tensors the quantize stage stores."""
     from moesweep.quant import QuantSpec, expert_nbytes, quantize_experts
 
     q = quantize_experts(torch.randn(2, 48, 192), None, None, QuantSpec(bits, group_size, symmetric, "rtn"))
-    assert int(expert_nbytes(q)[0]) == packed_expert_bytes(48, 192, bits, group_size, symmetric)
+    stored = sum(t[0].nbytes for t in (q.codes, q.scales, q.zeros) if t.numel())
+    assert packed_expert_bytes(48, 192, bits, group_size, symmetric, "rtn") == stored == int(expert_nbytes(q)[0])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_byte_formula_counts_hqqs_float16_zeros(bits, group_size):
+    from moesweep.quant import QuantSpec, expert_nbytes, quantize_experts
+
+    q = quantize_experts(torch.randn(2, 48, 192), None, None, QuantSpec(bits, group_size, False, "hqq"))
+    assert q.zeros.dtype == torch.float16
+    stored = sum(t[0].nbytes for t in (q.codes, q.scales, q.zeros))
+    assert packed_expert_bytes(48, 192, bits, group_size, False, "hqq") == stored == int(expert_nbytes(q)[0])
 
 
 def test_missing_model_directory(tmp_path):

@@ -11,10 +11,11 @@ import torch
 from family_models import EXPERTS, FAMILIES, INTER, build_family_checkpoint
 from moesweep.calibrate import collect_calibration, profile_hotness
 from moesweep.checks import (FAMILIES as CHECKED_FAMILIES, SUPPORTED_MODEL_TYPES, ConfigError, check_config,
-                             check_family_config, packed_expert_bytes, smallest_budget)
+                             check_family_config, smallest_budget)
 from moesweep.grid import Routing, expand_grid
 from moesweep.model import (ADAPTERS, EXPERTS_IMPLEMENTATION, ModelError, install_policy, load_model,
                             model_fingerprint)
+from moesweep.quant.format import packed_expert_bytes
 from moesweep.routing import RoutingContext, capacity
 from moesweep.sparsemixer import route_sparsemixer
 
@@ -285,7 +286,7 @@ def test_smallest_budget_reads_each_familys_expert_shape(checkpoints, family):
     _, _, adapter = load_model(str(checkpoints[family]))
     experts = adapter.layers()[0].experts
     (two_i, h), (_, i) = experts.gate_up_proj.shape[1:], experts.down_proj.shape[1:]
-    low = packed_expert_bytes(two_i, h, 2, 32, False) + packed_expert_bytes(h, i, 2, 32, False)
+    low = packed_expert_bytes(two_i, h, 2, 32, False, "gptq") + packed_expert_bytes(h, i, 2, 32, False, "gptq")
     full = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 2
     assert smallest_budget(_cfg(checkpoints[family]), 2, {"group_size": 32}) == pytest.approx(low / full, rel=1e-12)
     fp = model_fingerprint(str(checkpoints[family]))

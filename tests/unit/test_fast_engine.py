@@ -28,9 +28,9 @@ def test_fast_bf16_decode_follows_transformers(embedded_model):
     greedy decoding of each prompt alone, 128 steps.
 
     Teacher-forced (every step fed transformers' previous token), at most 1 % of the 1,024 predictions may differ.
-    Measured on the H200 (benchmarks/results/greedy_agreement_h200.md): 6 differ, 5 of them where transformers' own
-    top-2 margin is at most 7 % of the largest logit, one at a clear margin (0.54) that follows a routing near-tie
-    in the last layer (benchmarks/results/trace_divergence_h200.md).
+    Measured on the H200 (benchmarks/results/nvidia-h200/greedy_agreement.md): 6 differ, 5 of them where
+    transformers' own top-2 margin is at most 7 % of the largest logit, one at a clear margin (0.54) that follows a routing near-tie
+    in the last layer (benchmarks/results/nvidia-h200/trace_divergence.md).
     Free-running, a near-tie that the two round differently sends a continuation elsewhere for good, so the
     yardstick is transformers itself: its own `generate` on the same left-padded batch of 8 keeps 1 of 8 prompts
     equal to the unpadded reference (measured), the fast engine 5 of 8; the fast engine must do at least as well."""

@@ -15,7 +15,8 @@ import os
 import re
 from pathlib import Path
 
-from .grid import FULL_BITS, Cell, GridError, expand_grid
+from .grid import Cell, GridError, expand_grid
+from .quant.format import packed_expert_bytes
 
 # Per supported family (model_type), the config.json keys transformers 5.17 reads for the number of routed
 # experts (first key present wins; several where the config class maps an alias onto it, e.g. Qwen3-MoE files
@@ -47,17 +48,6 @@ class ConfigError(ValueError):
 def is_local(path_or_id: str) -> bool:
     p = Path(path_or_id)
     return p.exists() or path_or_id.startswith((".", "/", "~")) or not HUB_ID.fullmatch(path_or_id)
-
-
-def packed_expert_bytes(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool,
-                        zero_bytes: int = 1) -> int:
-    """Bytes of one expert projection in the quantize stage's packed format (must equal quant.expert_nbytes):
-    row-packed codes + float16 scales + uint8 zero points (asymmetric only), per output row and group."""
-    if bits == FULL_BITS:
-        return out_features * in_features * 2
-    groups = 1 if group_size <= 0 else math.ceil(in_features / group_size)
-    codes = out_features * math.ceil(in_features * bits / 8)
-    return codes + out_features * groups * (2 + (0 if symmetric else zero_bytes))  # hqq: float16 zeros, 2 bytes
 
 
 def read_local_model_config(model_id: str) -> dict | None:
@@ -199,8 +189,8 @@ def smallest_budget(cfg: dict, bits_low: int, quant: dict) -> float:
     """Fraction of the 16-bit expert bytes needed with every expert at bits_low."""
     H, I = cfg["hidden_size"], expert_intermediate_size(cfg)
     gs, sym = quant["group_size"], quant.get("symmetric", False)
-    zb = 2 if quant.get("method") == "hqq" else 1
-    low = packed_expert_bytes(2 * I, H, bits_low, gs, sym, zb) + packed_expert_bytes(H, I, bits_low, gs, sym, zb)
+    method = quant.get("method", "gptq")
+    low = packed_expert_bytes(2 * I, H, bits_low, gs, sym, method) + packed_expert_bytes(H, I, bits_low, gs, sym, method)
     return low / (3 * H * I * 2)
 
 

@@ -35,8 +35,8 @@ Prediction on a hardware profile (bandwidth β, efficiency η, host link λ with
     tokens/s = T / t_step                      (compare with the measured decode_tokens_per_s)
     resident = W_dense + R_exp + batch_size · (max_prompt_tokens + max_new_tokens) · K + reserved
     fits     = resident ≤ M
-Compute is ignored: at decode batch sizes an MoE layer is memory-bound (NOTES §6: ≈ 790 TFLOP/s bf16 against
-4.28 TB/s on the H200 — a step would need > 180 FLOP per byte read to be compute-bound), so the prediction is
+Compute is ignored: at decode batch sizes an MoE layer is memory-bound (H200 datasheet: 989 TFLOP/s dense bf16
+against 4.8 TB/s — a step would need ≈ 200 FLOP per byte read to be compute-bound), so the prediction is
 a bandwidth roofline scaled by η plus explicit overhead terms; with the shipped zero overheads it is an upper
 bound on what an engine can reach.
 

@@ -3,7 +3,8 @@
 `route` is a pure function on router probabilities; `PolicyRouter` wraps a model's router with it and
 keeps per-layer accounting. Dropped assignments carry the sentinel expert index E (== num_experts) and
 weight 0: the experts implementation skips them (no weight read, no NaN), and the residual stream carries
-the token. Semantics (documented for users in config/README.md):
+the token. The rules each policy applies, the capacity formula and the counters are routing_spec's; semantics
+(documented for users in config/README.md):
 
 * native   — the checkpoint's own top-k; renormalised exactly as its `norm_topk_prob` says.
 * topk     — top-k′ (k′ ≤ k); renormalised per `renormalize` (None = as the checkpoint).
@@ -19,7 +20,6 @@ the token. Semantics (documented for users in config/README.md):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grid import Routing
+from .routing_spec import COUNTERS, POLICY_KEEP_RULE, capacity, capacity_load, skip_keeps, top_p_keeps
 
 
 @dataclass
@@ -34,20 +35,20 @@ class LayerRoutingStats:
     """Accumulated over every forward call of one evaluation (prefill and decode)."""
 
     num_experts: int
-    tokens: int = 0  # valid tokens routed through this layer
-    routed: int = 0  # assignments chosen by the policy (before capacity)
-    dropped: int = 0  # of those, dropped by capacity
-    hot_hits: int = 0  # kept assignments to experts currently at high precision
     load: torch.Tensor = field(default=None)  # kept assignments per expert
-    # Decode traffic (forward calls the engine marks context.phase == "decode"): what the cost model reads.
+    # One field per routing_spec.COUNTERS entry (what each counts is written there); decode counters come from
+    # the forward calls the engine marks context.phase == "decode".
+    tokens: int = 0
+    routed: int = 0
+    dropped: int = 0
+    hot_hits: int = 0
     decode_calls: int = 0
-    decode_tokens: int = 0  # valid tokens in decode calls
-    decode_kept: int = 0  # kept assignments in decode calls
-    distinct_experts_decode: int = 0  # Σ over decode calls of distinct experts with ≥ 1 kept assignment
-    distinct_high_decode: int = 0  # of those, experts at high precision (hot mask) during that call
+    decode_tokens: int = 0
+    decode_kept: int = 0
+    distinct_experts_decode: int = 0
+    distinct_high_decode: int = 0
 
-    COUNTERS = ("tokens", "routed", "dropped", "hot_hits", "decode_calls", "decode_tokens", "decode_kept",
-                "distinct_experts_decode", "distinct_high_decode")  # the order of routing_increments' counts
+    COUNTERS = COUNTERS  # the order of routing_increments' counts
 
     def __post_init__(self):
         if self.load is None:
@@ -62,9 +63,9 @@ class LayerRoutingStats:
 
 def routing_increments(valid, keep_policy, keep, index, hot, num_experts: int, decode: bool):
     """One forward call's routing accounting, on the device and without host synchronisation (so the fast engine
-    can run it inside a captured graph): (counts int64 [len(LayerRoutingStats.COUNTERS)], kept assignments per
-    expert [E]). Decode counters stay 0 for other calls; an expert is read once per call however many tokens it
-    serves, so distinct experts hit = expert weight traffic."""
+    can run it inside a captured graph): (counts int64 [len(COUNTERS)] in routing_spec.COUNTERS order, kept
+    assignments per expert [E]). Decode counters stay 0 for other calls; an expert is read once per call however
+    many tokens it serves, so distinct experts hit = expert weight traffic."""
     kept = torch.where(keep, index, num_experts).flatten()
     hits = torch.zeros(num_experts + 1, dtype=torch.int64, device=index.device)
     hits.scatter_add_(0, kept, torch.ones_like(kept))
@@ -72,10 +73,12 @@ def routing_increments(valid, keep_policy, keep, index, hot, num_experts: int, d
     hot = hot if hot is not None else torch.zeros_like(hits, dtype=torch.bool)
     zero = torch.zeros((), dtype=torch.int64, device=index.device)
     hit = hits > 0
-    values = [valid.sum(), keep_policy.sum(), (keep_policy & ~keep).sum(), (hits * hot).sum()]
-    values += ([torch.ones_like(zero), valid.sum(), hits.sum(), hit.sum(), (hit & hot).sum()] if decode
-               else [zero] * 5)
-    return torch.stack(values), hits
+    values = {"tokens": valid.sum(), "routed": keep_policy.sum(), "dropped": (keep_policy & ~keep).sum(),
+              "hot_hits": (hits * hot).sum()}
+    decode_values = {"decode_calls": torch.ones_like(zero), "decode_tokens": valid.sum(), "decode_kept": hits.sum(),
+                     "distinct_experts_decode": hit.sum(), "distinct_high_decode": (hit & hot).sum()}
+    values.update(decode_values if decode else dict.fromkeys(decode_values, zero))
+    return torch.stack([values[name] for name in COUNTERS]), hits
 
 
 class RoutingContext:
@@ -100,10 +103,6 @@ class RoutingContext:
     def end_call(self):
         for obs in self.observers:
             obs.end_call()
-
-
-def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
-    return math.ceil(capacity_factor * tokens * k / num_experts)
 
 
 def _capacity_keep(idx, probs_sel, keep, cap, priority: str, num_experts: int) -> torch.Tensor:
@@ -156,7 +155,7 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
     Returns (top_k_index [T, k′] long with sentinel E for dropped, top_k_weights [T, k′] float32,
     keep_before_capacity [T, k′] bool, keep [T, k′] bool).
     """
-    T, E = probs.shape
+    E = probs.shape[1]
     k = policy_k(policy, native_k)
     renorm = renormalizes(policy, native_norm)
 
@@ -164,30 +163,47 @@ def route(probs: torch.Tensor, policy: Routing, native_k: int, native_norm: bool
         weights, index = (t[:, :k] for t in torch.sort(probs, dim=-1, descending=True, stable=True))
     else:
         weights, index = torch.topk(probs, k, dim=-1)
-    keep = torch.ones_like(index, dtype=torch.bool)
-    if policy.policy == "skip":
-        if skip_beta is None:
-            raise ValueError("skip policy needs a per-layer beta from the calibration stage")
-        keep[:, 1:] = weights[:, 1:] >= skip_beta * weights[:, :1]
-    elif policy.policy == "top_p":
-        mass_before = weights.cumsum(-1) - weights  # keep j while the mass of the experts ranked above it < p
-        keep = mass_before < policy.top_p
-        keep[:, 0].fill_(True)  # fill_, not setitem: no host scalar copy (graph capture)
-    if valid is not None:
-        keep &= valid[:, None]
-
+    keep = policy_keep(policy, weights, valid, skip_beta)
     probs_sel = weights
     weights = weights * keep  # exact (×1 or ×0); unconditional so no host sync decides it
     if renorm:  # with every expert kept this is bit-identical to the HF router (the clamp never binds)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return apply_capacity(policy, index, weights, probs_sel, keep, valid, E)
 
+
+def policy_keep(policy: Routing, ranked: torch.Tensor, valid: torch.Tensor | None,
+                skip_beta: float | None) -> torch.Tensor:
+    """[T, k′] bool: which of the ranked choices (probabilities [T, k′], descending) the policy keeps before
+    capacity, by routing_spec's rule for it; invalid tokens keep nothing."""
+    rule = POLICY_KEEP_RULE[policy.policy]
+    if rule == "all":
+        keep = torch.ones_like(ranked, dtype=torch.bool)
+    else:
+        rank = torch.arange(ranked.shape[1], device=ranked.device)[None, :]
+        if rule == "skip":
+            if skip_beta is None:
+                raise ValueError("skip policy needs a per-layer beta from the calibration stage")
+            keep = skip_keeps(rank, ranked, ranked[:, :1], skip_beta)
+        else:
+            keep = top_p_keeps(rank, ranked.cumsum(-1) - ranked, policy.top_p)
+    if valid is not None:
+        keep &= valid[:, None]
+    return keep
+
+
+def apply_capacity(policy: Routing, index, weights, priority_probs, keep, valid, num_experts: int):
+    """Drop the kept assignments past each expert's capacity (none without a capacity factor) and give every
+    dropped one the sentinel expert E. priority_probs [T, k′] is what `score` priority ranks by. Returns route's
+    (index, weights, keep_before_capacity, keep)."""
+    T, k = index.shape
+    E = num_experts
     keep_policy = keep
     if policy.capacity_factor is not None:
         if valid is None:
             cap = capacity(policy.capacity_factor, T, k, E)
-        else:  # on the device (no host sync): same float64 operations, in the same order, as capacity()
-            cap = torch.ceil(policy.capacity_factor * valid.sum().double() * k / E)
-        keep = _capacity_keep(index, probs_sel, keep, cap, policy.priority, E)
+        else:  # on the device (no host sync): the same float64 operations, in the same order, as capacity()
+            cap = torch.ceil(capacity_load(policy.capacity_factor, valid.sum().double(), k, E))
+        keep = _capacity_keep(index, priority_probs, keep, cap, policy.priority, E)
         weights = weights * keep
     index = torch.where(keep, index, torch.full_like(index, E))
     return index, weights, keep_policy, keep

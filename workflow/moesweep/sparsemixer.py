@@ -15,8 +15,9 @@ How each policy maps onto it (documented for users in config/README.md):
 * skip     — r2 is dropped when p2 < β·p1, where p = softmax of all router logits (float32): the same
              probabilities from which the calibrate stage takes β (median of p2/p1).
 * top_p    — r2 is kept only while the softmax mass of the experts ranked above it, p1, is < p.
-* capacity — as for every family: C = ceil(CF · T · k′ / E) per expert per call, the same priority orders,
-             `score` ranking by the softmax probability p; applied after the policy (and any renormalisation).
+* capacity — as for every family (routing_spec.capacity, routing.apply_capacity): the same capacity per expert per
+             call and priority orders, `score` ranking by the softmax probability p; applied after the policy (and
+             any renormalisation).
 
 The ranking (r1, r2) is the softmax top-2 order too, so profiling, calibration and dynamic precision, which
 read the softmax probability p of each selected expert, see the same experts as the router.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .grid import Routing
-from .routing import PolicyRouter, _capacity_keep, capacity, policy_k
+from .routing import PolicyRouter, apply_capacity, policy_k, policy_keep
 
 
 def route_sparsemixer(router_logits: torch.Tensor, probs: torch.Tensor, policy: Routing, jitter_eps: float,
@@ -35,34 +36,16 @@ def route_sparsemixer(router_logits: torch.Tensor, probs: torch.Tensor, policy: 
     with sentinel E for dropped, top_k_weights [T, k′] in the logits' dtype, keep_before_capacity, keep)."""
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-    T, E = probs.shape
+    E = probs.shape[1]
     multiplier, selected = sparsemixer(router_logits, jitter_eps=jitter_eps, training=False)
     k = policy_k(policy, selected.shape[1])  # sparsemixer selects 2
     index, weights = selected[:, :k], multiplier[:, :k]
     p = probs.gather(1, index)  # softmax probability of each choice: what skip, top_p and `score` rank by
-    keep = torch.ones_like(index, dtype=torch.bool)
-    if policy.policy == "skip":
-        if skip_beta is None:
-            raise ValueError("skip policy needs a per-layer beta from the calibration stage")
-        keep[:, 1:] = p[:, 1:] >= skip_beta * p[:, :1]
-    elif policy.policy == "top_p":
-        keep = (p.cumsum(-1) - p) < policy.top_p
-        keep[:, 0] = True
-    if valid is not None:
-        keep &= valid[:, None]
+    keep = policy_keep(policy, p, valid, skip_beta)
     weights = weights * keep  # exact (×1 or ×0): native stays bit-identical
     if policy.policy != "native" and policy.renormalize:  # null = as the checkpoint, which does not renormalise
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    keep_policy = keep
-    if policy.capacity_factor is not None:
-        if valid is None:
-            cap = capacity(policy.capacity_factor, T, k, E)
-        else:  # as routing.route: the same float64 arithmetic as capacity(), on the device (no host sync)
-            cap = torch.ceil(policy.capacity_factor * valid.sum().double() * k / E)
-        keep = _capacity_keep(index, p, keep, cap, policy.priority, E)
-        weights = weights * keep
-    index = torch.where(keep, index, torch.full_like(index, E))
-    return index, weights, keep_policy, keep
+    return apply_capacity(policy, index, weights, p, keep, valid, E)
 
 
 class SparseMixerPolicyRouter(PolicyRouter):

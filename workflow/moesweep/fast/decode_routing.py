@@ -3,11 +3,12 @@
 Written by hand because it is the project's own contribution (the routing policies) and because, at decode, the
 compiled torch version is 5-6 launches per layer (softmax and sort, the policy's masks, renormalisation, capacity,
 block alignment, accounting), each a few µs of launch latency for a few KB of work: ~10 µs per layer, a sixth of
-a batch-1 layer (benchmarks/results/profile_decode_step_h200.md). One program does all of it from the router
+a batch-1 layer (benchmarks/results/nvidia-h200/profile_decode_step.md). One program does all of it from the router
 logits [T, E], with every intermediate in registers.
 
 Semantics are routing.route's with sort_topk=True followed by kernels.align_and_account (tests/unit/
-test_fast_decode_routing.py holds the two against each other for every policy):
+test_fast_decode_routing.py holds the two against each other for every policy); the keep rules, the capacity
+formula and the counters are routing_spec's, compiled in:
 * probabilities: softmax in float32; top-k' by value, equal probabilities to the lower expert id (a stable
   descending sort), taken as k' rounds of "largest, lowest id";
 * skip: choice j >= 1 kept while its probability >= beta x the first's; top_p: choice j kept while the mass ranked
@@ -23,16 +24,34 @@ from route's by float32 rounding; the choices only differ where the probabilitie
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import routing_spec
 from ..grid import Routing
 from ..routing import policy_k, renormalizes
-from .kernels import ALIGN_TILE_LIMIT, aligned_blocks, aligned_blocks_tiles, aligned_sizes, routing_counters
+from .kernels import (ALIGN_TILE_LIMIT, COUNTER_SLOTS, N_COUNTERS, aligned_blocks, aligned_blocks_tiles,
+                      aligned_sizes, routing_counters)
 
-_MODES = {"native": 0, "topk": 0, "skip": 1, "top_p": 2}
+
+
+def _in_kernel(rule):
+    """routing_spec's rule as a Triton function: the same code object, given globals that hold triton.language,
+    which Triton's interpreter requires of a jit function (routing_spec itself imports neither torch nor triton)."""
+    return triton.jit(types.FunctionType(rule.__code__, {**rule.__globals__, "tl": tl}, rule.__name__))
+
+
+# routing_spec's rules, compiled into the kernel; its keep-rule modes are their positions in KEEP_RULES
+_skip_keeps = _in_kernel(routing_spec.skip_keeps)
+_top_p_keeps = _in_kernel(routing_spec.top_p_keeps)
+_capacity_load = _in_kernel(routing_spec.capacity_load)
+_SKIP = tl.constexpr(routing_spec.KEEP_RULES.index("skip"))
+_TOP_P = tl.constexpr(routing_spec.KEEP_RULES.index("top_p"))
+
+
 @triton.jit
 def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
                          hits_ptr, counts_acc_ptr, load_acc_ptr, mass_acc_ptr, T, num_experts, capacity, max_blocks,
@@ -48,8 +67,8 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     live_e = e < num_experts
     # every input first, so their latencies overlap (loads after the stores below would wait for them in order)
     valid = tl.load(valid_ptr + t, mask=live_t, other=0) != 0
-    ci = tl.arange(0, 16)  # counter index, LayerRoutingStats.COUNTERS
-    counts_before = tl.load(counts_acc_ptr + ci, mask=ci < 9, other=0)
+    ci = tl.arange(0, COUNTER_SLOTS)  # counter index, routing_spec.COUNTERS
+    counts_before = tl.load(counts_acc_ptr + ci, mask=ci < N_COUNTERS, other=0)
     load_before = tl.load(load_acc_ptr + e, mask=live_e, other=0)
     if HOT:
         hot = tl.load(hot_ptr + e, mask=live_e, other=0).to(tl.int32)
@@ -78,12 +97,12 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
 
     real = live_t[:, None] & (j[None, :] < K)  # [T_P2, K_P2] slots that are assignments at all
     keep = real & valid[:, None]
-    if MODE == 1:  # skip: choice j >= 1 while its probability >= beta x the first's
+    if MODE == _SKIP:
         first = tl.sum(tl.where(j[None, :] == 0, prob, 0.0), 1)
-        keep = keep & ((j[None, :] == 0) | (prob >= tl.load(beta_ptr) * first[:, None]))
-    if MODE == 2:  # top_p: choice j while the mass ranked above it < p; the first always
+        keep = keep & _skip_keeps(j[None, :], prob, first[:, None], tl.load(beta_ptr))
+    if MODE == _TOP_P:
         above = tl.cumsum(tl.where(real, prob, 0.0), 1) - prob
-        keep = keep & ((j[None, :] == 0) | (above < top_p))
+        keep = keep & _top_p_keeps(j[None, :], above, top_p)
     keep_policy = keep
     weights = tl.where(keep, prob, 0.0)
     if RENORM:
@@ -92,7 +111,7 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     N: tl.constexpr = T_P2 * K_P2
     if CAPACITY:
         tokens64 = tl.sum(valid.to(tl.int32), 0).to(tl.float64)
-        cap = tl.ceil(tl.load(cf_ptr) * tokens64 * K / num_experts)  # capacity(), in float64 as route() on the device
+        cap = tl.ceil(_capacity_load(tl.load(cf_ptr), tokens64, K, num_experts))  # float64, as route() on the device
         if SCORE:  # rank among the expert's kept assignments: higher probability first, ties in token order
             key = (j[None, :] * T + t[:, None]).reshape(N)
             p_flat = prob.reshape(N)
@@ -116,10 +135,11 @@ def _decode_route_kernel(logits_ptr, valid_ptr, beta_ptr, cf_ptr, hot_ptr, weigh
     onehot, counts = aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_ptr,
                                     block_expert_ptr, E_P2, BLOCK_M, FILL, BLOCKS)
 
-    # routing_increments (decode), in LayerRoutingStats.COUNTERS order
+    # routing_increments (decode), in routing_spec.COUNTERS order
     tokens = tl.sum(valid.to(tl.int32), 0)
     routed = tl.sum(tl.sum(keep_policy.to(tl.int32), 1), 0)
-    tl.store(counts_acc_ptr + ci, counts_before + routing_counters(ci, tokens, routed, counts, hot, True), mask=ci < 9)
+    tl.store(counts_acc_ptr + ci, counts_before + routing_counters(ci, tokens, routed, counts, hot, True),
+             mask=ci < N_COUNTERS)
     tl.store(hits_ptr + e, counts.to(tl.int64), mask=live_e)
     tl.store(load_acc_ptr + e, load_before + counts.to(tl.int64), mask=live_e)
     if MASS:  # router probability routed to each expert (dynamic precision's hotness input), float64
@@ -155,8 +175,8 @@ def decode_route(logits: torch.Tensor, policy: Routing, native_k: int, native_no
     sorted_assign, block_expert, hits [E] int64), as the glue it replaces."""
     T, E = logits.shape
     k = policy_k(policy, native_k)
-    mode = _MODES[policy.policy]
-    if mode == 1 and beta is None:
+    mode = routing_spec.keep_rule_mode(policy.policy)
+    if mode == _SKIP and beta is None:
         raise ValueError("skip policy needs a per-layer beta from the calibration stage")
     capped = policy.capacity_factor is not None
     if capped and capacity_factor is None:

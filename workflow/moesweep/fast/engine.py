@@ -1,13 +1,13 @@
 """Fast decode path for transformers' Qwen3-MoE: static KV cache, CUDA-graph decode step, grouped expert kernels.
 
-Why not `generate`: NOTES.md §6 measured it overhead-bound on the H200 (13.7 tok/s at batch 1, the same under
-top-1 routing), and `torch.compile(mode="reduce-overhead")` over transformers' static cache crashed. So this
-module owns the cache and the graph, and reuses the checkpoint's own weights (embedding, norms, attention
+Why not `generate`: it is overhead-bound (benchmarks/results/nvidia-h200/fast_engine.md: 10.9 tok/s at batch 1
+on the H200, 91 ms a step where the weights take ~1.5 ms to read), and `torch.compile(mode="reduce-overhead")`
+over transformers' static cache crashed. So this module owns the cache and the graph, and reuses the checkpoint's own weights (embedding, norms, attention
 projections, rotary embedding, lm_head). The MoE block is replaced by the policy's router (routing.route, which
 has no host synchronisation) and FastMoeExperts.
 
 A decode step is one CUDA graph of few launches per layer, because at batch 1 the weights of a layer take ~40 µs
-to read and every launch costs a few µs (benchmarks/results/profile_decode_step_h200.md counted 45 per layer
+to read and every launch costs a few µs (benchmarks/results/nvidia-h200/profile_decode_step.md counted 45 per layer
 before this layout; 11 at batch 1 now): residual + norm (fast/norm.py) and one q/k/v GEMV over fused weights
 (fuse_qkv; fast/gemv.py at batch 1, else cuBLAS), one kernel for the q/k norms, rotary and the cache write, a
 split-K decode attention and its combine (fast/attention.py), the o-projection GEMV, residual + norm + router

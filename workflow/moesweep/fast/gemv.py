@@ -2,7 +2,7 @@
 
 Written by hand because at batch 1 the q/k/v and o projections are matrix-vector products, memory-bound, and
 cuBLAS read their weights at ~2.3 TB/s on the H200 (60 % of the copy bandwidth), the o-projection as a split-K
-GEMM plus a separate reduction launch (benchmarks/results/profile_decode_step_h200.md). Here a program owns BN
+GEMM plus a separate reduction launch (benchmarks/results/nvidia-h200/profile_decode_step.md). Here a program owns BN
 weight rows and one slice of the input columns, reads its [BN, BK] weight tiles once and multiplies them with
 every row of x by broadcasting; products accumulate elementwise in float32 (one [BN, BK] tile per row of x) and
 are summed over the columns once, after the loop (no reduction inside it).
@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 # Tiles: BN weight rows per program, BK columns per loop iteration, warps (benchmarks/decode_gemv.py sweeps them, passing
-# each as `tiles`). DENSE_GEMV_TILES: the default of callers that do not choose; the engine's are measured
-# on the H200 at one row (results/decode_gemv_h200.md): q/k/v [5120, 2048] 7.3 µs with QKV_TILES, cuBLAS 8.0;
+# each as `tiles`). DENSE_GEMV_TILES: the default of callers that do not choose; the engine's are measured on the
+# H200 at one row (results/nvidia-h200/decode_gemv.md): q/k/v [5120, 2048] 7.3 µs with QKV_TILES, cuBLAS 8.0;
 # o_proj [2048, 4096] in 4 slices 5.9 µs with O_PROJ_TILES, cuBLAS 9.3 (its split-K GEMM and reduction launch).
 DENSE_GEMV_TILES = {"BN": 16, "BK": 256, "num_warps": 4}
 QKV_TILES = {"BN": 8, "BK": 512, "num_warps": 4}

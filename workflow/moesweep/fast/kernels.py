@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..routing import routing_increments
+from ..routing_spec import COUNTERS
 from . import FAST_BITS
 
 
@@ -305,9 +306,9 @@ def _grouped_expert_gemv_row_kernel(x_ptr, out_ptr, assign_ptr, block_expert_ptr
     """16-bit experts in blocks of one row (batch 1: one assignment per hit expert), as _grouped_expert_gemv_kernel
     with BM = 1 but 2-D: [BN, GK] weight tiles times the activations [GK] broadcast along the rows, float32
     products accumulated elementwise and summed over K after the loop. On the H200 it reads a layer's bf16 experts
-    in 23.9 µs where the tl.dot kernel over a 16-row tile took 27.0 (results/profile_decode_step_h200.md). Packed
-    widths stay on the general kernel: a 2-D variant that loads each code position's activations as a strided
-    vector measured slower there (int4 48 vs 31 µs per layer, results/expert_kernels_h200.md)."""
+    in 23.9 µs where the tl.dot kernel over a 16-row tile took 27.0 (results/nvidia-h200/profile_decode_step.md).
+    Packed widths stay on the general kernel: a 2-D variant that loads each code position's activations as a strided
+    vector measured slower there (int4 48 vs 31 µs per layer, results/nvidia-h200/expert_kernels.md)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = _block_slot(block_expert_ptr, slot_ptr, pid_m, num_experts)
@@ -372,18 +373,33 @@ def aligned_blocks(expert, assign, n, num_experts, capacity, max_blocks, sorted_
     return onehot, counts
 
 
+# routing_spec.COUNTERS as the kernels see it: how many, a power-of-two tile holding them, and each one's slot
+N_COUNTERS = tl.constexpr(len(COUNTERS))
+COUNTER_SLOTS = tl.constexpr(triton.next_power_of_2(len(COUNTERS)))
+_TOKENS = tl.constexpr(COUNTERS.index("tokens"))
+_ROUTED = tl.constexpr(COUNTERS.index("routed"))
+_DROPPED = tl.constexpr(COUNTERS.index("dropped"))
+_HOT_HITS = tl.constexpr(COUNTERS.index("hot_hits"))
+_DECODE_CALLS = tl.constexpr(COUNTERS.index("decode_calls"))
+_DECODE_TOKENS = tl.constexpr(COUNTERS.index("decode_tokens"))
+_DECODE_KEPT = tl.constexpr(COUNTERS.index("decode_kept"))
+_DISTINCT = tl.constexpr(COUNTERS.index("distinct_experts_decode"))
+_DISTINCT_HIGH = tl.constexpr(COUNTERS.index("distinct_high_decode"))
+
+
 @triton.jit
 def routing_counters(c, tokens, routed, counts, hot, DECODE: tl.constexpr):
-    """routing.routing_increments' counts as an int64 vector over counter index c (LayerRoutingStats.COUNTERS order,
-    entries past the 9th 0): tokens valid, assignments the policy routed, counts [E_P2] kept per expert, hot [E_P2]
-    0/1 high-precision experts; the decode counters only for decode calls."""
+    """routing.routing_increments' counts as an int64 vector over counter index c (routing_spec.COUNTERS order,
+    entries from N_COUNTERS on 0): tokens valid, assignments the policy routed, counts [E_P2] kept per expert,
+    hot [E_P2] 0/1 high-precision experts; the decode counters only for decode calls."""
     kept = tl.sum(counts, 0)
-    values = tl.where(c == 0, tokens, 0) + tl.where(c == 1, routed, 0) + tl.where(c == 2, routed - kept, 0) + \
-        tl.where(c == 3, tl.sum(counts * hot, 0), 0)
+    values = tl.where(c == _TOKENS, tokens, 0) + tl.where(c == _ROUTED, routed, 0) + \
+        tl.where(c == _DROPPED, routed - kept, 0) + tl.where(c == _HOT_HITS, tl.sum(counts * hot, 0), 0)
     if DECODE:
         hit = (counts > 0).to(tl.int32)
-        values += tl.where(c == 4, 1, 0) + tl.where(c == 5, tokens, 0) + tl.where(c == 6, kept, 0) + \
-            tl.where(c == 7, tl.sum(hit, 0), 0) + tl.where(c == 8, tl.sum(hit * hot, 0), 0)
+        values += tl.where(c == _DECODE_CALLS, 1, 0) + tl.where(c == _DECODE_TOKENS, tokens, 0) + \
+            tl.where(c == _DECODE_KEPT, kept, 0) + tl.where(c == _DISTINCT, tl.sum(hit, 0), 0) + \
+            tl.where(c == _DISTINCT_HIGH, tl.sum(hit * hot, 0), 0)
     return values.to(tl.int64)
 
 
@@ -403,7 +419,7 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
     expert = tl.load(index_ptr + i, mask=i < n, other=num_experts).to(tl.int32)
     _, counts = aligned_blocks(expert, i, n, num_experts, capacity, max_blocks, sorted_ptr, block_expert_ptr,
                                E_P2, BLOCK_M, FILL, BLOCKS)
-    if ACCOUNT:  # routing_increments, in LayerRoutingStats.COUNTERS order
+    if ACCOUNT:  # routing_increments, in routing_spec.COUNTERS order
         t = tl.arange(0, T_P2)
         tokens = tl.sum(tl.load(valid_ptr + t, mask=t < T, other=0).to(tl.int32), 0)
         routed = tl.sum(tl.load(keep_policy_ptr + i, mask=i < n, other=0).to(tl.int32), 0)
@@ -411,9 +427,10 @@ def _align_kernel(index_ptr, sorted_ptr, block_expert_ptr, n, num_experts, capac
             hot = tl.load(hot_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
         else:
             hot = tl.zeros((E_P2,), dtype=tl.int32)
-        c = tl.arange(0, 16)
-        acc = tl.load(counts_acc_ptr + c, mask=c < 9, other=0)
-        tl.store(counts_acc_ptr + c, acc + routing_counters(c, tokens, routed, counts, hot, DECODE), mask=c < 9)
+        c = tl.arange(0, COUNTER_SLOTS)
+        acc = tl.load(counts_acc_ptr + c, mask=c < N_COUNTERS, other=0)
+        tl.store(counts_acc_ptr + c, acc + routing_counters(c, tokens, routed, counts, hot, DECODE),
+                 mask=c < N_COUNTERS)
         live = e < num_experts
         tl.store(hits_ptr + e, counts.to(tl.int64), mask=live)
         tl.store(load_acc_ptr + e, tl.load(load_acc_ptr + e, mask=live, other=0) + counts.to(tl.int64), mask=live)
@@ -512,10 +529,10 @@ def align_assignments(index: torch.Tensor, num_experts: int, block_m: int) -> tu
 
 # Tiles of the decode (GEMV) path, blocks of BM < 16 rows (tile_sizes): BN output rows per program, BK bytes of every
 # weight row per loop iteration (16 bit: 2 bytes a column, int4: half a byte), num_warps. Memory-bound decode on an
-# H200 (benchmarks/expert_kernels.py sweeps them; results/expert_kernels_h200.md): blocks of one row (batch 1) take
+# H200 (benchmarks/expert_kernels.py sweeps them; results/nvidia-h200/expert_kernels.md): blocks of one row (batch 1) take
 # many small programs (BN 8, 2 warps: int4 31.1 vs 34.7 µs per layer with BN 32, 4 warps); blocks of 2 and 4 rows
 # keep BN 32 with 4 warps (BN 16 gained 2 % at 8 tokens but cost the int4 engine 27 % at batch 32:
-# results/fast_engine_h200.md). Tests shrink them.
+# results/nvidia-h200/fast_engine.md). Tests shrink them.
 GEMV_TILES_ONE_ROW = {"BN": 8, "BK": 256, "num_warps": 2}
 GEMV_TILES = {"BN": 32, "BK": 256, "num_warps": 4}
 # Rows per aligned block for every launch, instead of tile_sizes' rule (None). Benchmarks set 16 for the tl.dot
@@ -524,19 +541,19 @@ FORCE_BLOCK_M: int | None = None
 DOT_MIN_BLOCK_M = 16  # tl.dot's minimum; blocks of fewer rows take the GEMV kernel (widths in GEMV_BITS)
 # Widths whose small blocks take the GEMV kernel. 16- and 8-bit tiers stay on tl.dot (a 16-row tile over a block of
 # fewer rows): on the H200 it was faster for them at decode (bf16 33.7 vs 40.2 µs, int8 35.7 vs 45.5 µs per layer at
-# batch 1; benchmarks/results/expert_kernels_h200.md), while int4/int2 dequantise 2x / 1.4x faster without it.
+# batch 1; benchmarks/results/nvidia-h200/expert_kernels.md), while int4/int2 dequantise 2x / 1.4x faster without it.
 # Except 16-bit blocks of one row, which take the 2-D kernel (ROW_GEMV below).
 GEMV_BITS = (4, 2)
 # 16-bit tiers in one-row blocks (batch 1) take the 2-D kernel _grouped_expert_gemv_row_kernel, with ROW_GEMV_TILES
 # (BN 16, BK 512 bytes, 4 warps: 27.7 µs per layer in the sweep against tl.dot's 28.9, within 3 % of the best tiles
-# tried; 23.9 vs 27.0 µs in the engine's step: results/expert_kernels_h200.md, profile_decode_step_h200.md).
+# tried; 23.9 vs 27.0 µs in the engine's step: results/nvidia-h200/expert_kernels.md and profile_decode_step.md).
 ROW_GEMV = True
 ROW_GEMV_TILES = {"BN": 16, "BK": 512, "num_warps": 4}
 # Tiles of the tl.dot kernel for decode-sized blocks (BM < 64): BN output rows per program, BK input columns per
 # loop iteration by width (at most one scale group), num_warps, num_stages. benchmarks/expert_kernels.py sweeps them
 # ("dot:BN,BK16,warps,stages"); prefill blocks (BM 64) keep BN 32 and the width's BK.
 # Five stages of software pipelining keep more weight tiles in flight than Triton's default three: bf16 experts 29.1
-# vs 33.6 µs per layer at batch 1, 126 vs 139 µs at 8 tokens (results/expert_kernels_h200.md).
+# vs 33.6 µs per layer at batch 1, 126 vs 139 µs at 8 tokens (results/nvidia-h200/expert_kernels.md).
 DOT_DECODE_TILES = {"BN": 32, "BK": {16: 64, 8: 64, 4: 128, 2: 128}, "num_warps": 4, "num_stages": 5}
 
 

@@ -3,7 +3,7 @@
 The stored format (quant/packing.py: one little-endian bit stream per output row, code i of byte j = column j*P + i)
 is made for storage; a decode kernel reading it loads single bytes and must split the activations into P strided
 column planes, and it measured bound by those instructions (about 1.2 T weights/s on the H200 at every width,
-results/expert_kernels_h200.md). `serving_layout` rearranges a tier once, when the engine loads it (the stored
+results/nvidia-h200/expert_kernels.md). `serving_layout` rearranges a tier once, when the engine loads it (the stored
 files are unchanged), into what the kernels want:
 
 * words: int32 [S, KT, N, W]. The K axis is cut into KT tiles of GK = W * C columns (C = 32 // bits codes a word);

@@ -3,7 +3,7 @@
 Written by hand because at decode these are a few KB of work each, and the compiled torch glue spent two launches
 on each (the sum of the previous layer's expert outputs, then the norm; the o-projection's partial sums with the
 norm, then the router GEMV): ~1.5-2 µs of launch latency apiece, 48 times a step
-(benchmarks/results/profile_decode_step_h200.md).
+(benchmarks/results/nvidia-h200/profile_decode_step.md).
 
 Arithmetic as the torch glue (engine._add_expert_outputs, engine._rms_norm, engine._post_attention): the addends
 summed in float32 and rounded once to x's dtype, added to x and rounded; the norm's statistics in float32, the

@@ -2,7 +2,7 @@
 
 Why llm-compressor: GPTQ is taken from llm-compressor's low-level, batched `quantize_weight`
 (maintained by the vLLM project). auto-gptq is archived and cannot even be imported on transformers 5
-(NOTES.md section 1). The quantization grid (scales, zero points, range, rounding) comes from
+(`cannot import name 'no_init_weights'`). The quantization grid (scales, zero points, range, rounding) comes from
 compressed-tensors' `calculate_qparams`, the same code llm-compressor's observers call.
 
 Grid and stored numbers, per expert e, output row o, input column c, group g = c // group_size:
@@ -35,6 +35,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update, quantize_weight
 from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 
+from . import format
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 GPTQ_BLOCKSIZE = 128  # llm-compressor's default lazy-batch width
@@ -77,7 +78,7 @@ class QuantSpec:
         return n_in if self.per_channel else self.group_size
 
     def n_groups(self, n_in: int) -> int:
-        return -(-n_in // self.columns_per_group(n_in))
+        return format.n_groups(n_in, self.group_size)
 
 
 @dataclass
@@ -304,11 +305,11 @@ def dequantize(q: QuantizedExperts, dtype=torch.float32) -> torch.Tensor:
 
 
 def expert_nbytes(q: QuantizedExperts) -> torch.Tensor:
-    """int64 [E]: bytes of one expert's codes + scales + zeros (all experts of a projection are equal)."""
-    E = q.shape[0]
-    per_expert = sum(t[0].numel() * t.element_size() for t in (q.codes, q.scales) if t.numel())
-    if q.zeros.numel():
-        per_expert += q.zeros[0].numel() * q.zeros.element_size()
+    """int64 [E]: bytes of one expert's codes + scales + zeros (all experts of a projection are equal), by
+    format.packed_expert_bytes, the formula the DAG-time budget checks use."""
+    E, out, n_in = q.shape
+    spec = q.spec
+    per_expert = format.packed_expert_bytes(out, n_in, spec.bits, spec.group_size, spec.symmetric, spec.method)
     return torch.full((E,), per_expert, dtype=torch.int64)
 
 

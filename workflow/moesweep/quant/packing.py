@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from .format import packed_row_bytes
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 _CHUNK_CODES = 1 << 22  # bound the int64 temporaries to a few tens of MiB
-
-
-def packed_row_bytes(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
 
 
 def _check_bits(bits: int) -> None:

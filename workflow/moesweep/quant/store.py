@@ -25,8 +25,9 @@ import os
 import torch
 
 from ..io import HASH_KEY, ArtefactError, atomic_path, placeholder_metadata, save_safetensors, verify
+from . import format
 from .core import QuantizedExperts, QuantSpec
-from .packing import packed_row_bytes
+from .format import packed_row_bytes
 
 FORMAT = "moesweep-quantized"
 FORMAT_VERSION = "2"
@@ -37,8 +38,8 @@ ZERO_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
 
 
 def zero_dtype(spec: QuantSpec) -> str:
-    """How a spec's zero points are stored: none (symmetric), float16 (hqq), uint8 (integer grid)."""
-    return "none" if spec.symmetric else ("float16" if spec.method == "hqq" else "uint8")
+    """How a spec's zero points are stored (format.zero_dtype)."""
+    return format.zero_dtype(spec.method, spec.symmetric)
 
 
 def _parts(name: str, shape, spec: QuantSpec) -> dict[str, tuple[torch.dtype, tuple]]:
