@@ -163,7 +163,9 @@ def test_local_test_file_with_a_sampling_preset_needs_a_fewshot_source(tmp_path,
     with pytest.raises(ConfigError, match="dataset.fewshot_source is not set"):
         check_config(config(random_checkpoint, dataset={"source": str(data)}, prompt={"preset": "lmeval_gsm8k"}),
                      NATIVE)
-    check_config(config(random_checkpoint, dataset={"source": str(data)}, prompt={"preset": "zeroshot"}), NATIVE)
+    # zero-shot needs no exemplars; the file still needs train sources for calibration and profiling
+    with pytest.raises(ConfigError, match="set calibration.source and profile.source to a train file"):
+        check_config(config(random_checkpoint, dataset={"source": str(data)}, prompt={"preset": "zeroshot"}), NATIVE)
 
 
 @pytest.mark.parametrize("cfg,name", [
