@@ -271,7 +271,8 @@ def check_data_leakage(config: dict) -> None:
     calibration.source and profile.source, and the problems those stages will read are compared with the evaluated
     ones by content hash (data/sources.question_key). Local files and the synthetic source are loaded here; a hub
     id is not fetched at DAG time: the calibrate and profile stages repeat the comparison before reading weights."""
-    from .data.sources import (SYNTHETIC, assert_disjoint, calibration_problems, evaluated_problems, is_local_file,
+    from .data.sources import (SYNTHETIC, assert_disjoint, calibration_problems, evaluated_problems, evaluation_split,
+                               is_local_file,
                                leakage_error, profile_problems, stage_dataset)
 
     ds, calib, prof = config["dataset"], config.get("calibration", {}), config.get("profile", {})
@@ -291,7 +292,8 @@ def check_data_leakage(config: dict) -> None:
     if not stages or not loadable(ds["source"]):
         return
     try:
-        evaluated = evaluated_problems(ds, config["seed"])
+        # the whole evaluated split of a local file; the synthetic source's evaluated subsample (no whole split)
+        evaluated = evaluation_split(ds, config["seed"]) or evaluated_problems(ds, config["seed"])
         assert_disjoint(evaluated, {name: load() for name, load in stages.items()})
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -14,7 +14,7 @@ import torch
 
 from . import io
 from .calibrate import _batches, collect_calibration_layerwise, profile_hotness_layerwise
-from .data.sources import (CALIBRATION_FORMATS, SYNTHETIC, assert_disjoint, calibration_problems, evaluated_problems,
+from .data.sources import (CALIBRATION_FORMATS, SYNTHETIC, assert_disjoint, calibration_problems, evaluation_split,
                            leakage_error, problems_hash, profile_problems, stage_dataset, text_chunks, texts_hash,
                            training_text)
 from .grid import config_hash
@@ -56,7 +56,7 @@ def calibration_samples(dataset_cfg: dict, calib_cfg: dict, seed: int, tokenizer
                         "calibration_hash": texts_hash(chunks)}
     _refuse_leakage(dataset_cfg, calib_cfg, None)
     problems = calibration_problems(dataset_cfg, calib_cfg, seed)
-    assert_disjoint(evaluated_problems(dataset_cfg, seed), {"calibration (incl. held-out)": problems})
+    assert_disjoint(evaluation_split(dataset_cfg, seed), {"calibration (incl. held-out)": problems})
     src = stage_dataset(dataset_cfg, calib_cfg)["source"]
     return [training_text(p) for p in problems], {
         "calibration_source": f"{src} [{calib_cfg.get('split', 'train')}]", "calibration_hash": problems_hash(problems)}
@@ -331,7 +331,7 @@ def profile_stage(model_cfg: dict, dataset_cfg: dict, profile_cfg: dict, seed: i
     torch.manual_seed(seed)
     _refuse_leakage(dataset_cfg, None, profile_cfg)
     problems = profile_problems(dataset_cfg, profile_cfg, seed)
-    assert_disjoint(evaluated_problems(dataset_cfg, seed), {"profile": problems})
+    assert_disjoint(evaluation_split(dataset_cfg, seed), {"profile": problems})
     device = resolve_device(profile_cfg.get("device", "cpu"), "profile.device")
     tokenizer = _tokenizer(model_cfg)
     ckpt, model, adapter, dtype = _skeleton(model_cfg)

@@ -132,8 +132,10 @@ PROFILE_DATA = (("profile", "source"),)
 # config keys that change its output: a label (model.name), the evaluation subset (dataset.limit), the prompt or
 # the evaluate section never replan calibration, quantization or profiling (tests/integration/test_cache_keys.py).
 MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code")
-# What the train-split loaders read of the dataset section (calibration and profile draw from its train split).
-TRAIN_DATA_KEYS = ("source", "config_name", "synthetic", "synthetic_seed")
+# What calibration and profiling read of the dataset section: its train split (when they have no source of their
+# own) and the evaluated split's name, whose every problem they must not use (not `limit`: see
+# data/sources.evaluation_split).
+TRAIN_DATA_KEYS = ("source", "config_name", "split", "synthetic", "synthetic_seed")
 
 
 def model_settings():

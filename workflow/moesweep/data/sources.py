@@ -75,6 +75,16 @@ def evaluated_problems(dataset: dict, seed: int) -> list[dict]:
     return load_split(dataset, dataset.get("split", "test"), dataset.get("limit"), seed)
 
 
+def evaluation_split(dataset: dict, seed: int) -> list[dict]:
+    """Every problem of the evaluated split, whatever `dataset.limit` subsamples: what the calibrate and profile
+    stages check their problems against. Not `limit`'s subsample, so that the evaluation subset stays out of those
+    stages' cache keys and a larger limit later cannot reach a problem they used. The synthetic generator has no
+    whole split; its splits are disjoint by construction (split_of) and the DAG-time check compares the subsample."""
+    if dataset["source"] == SYNTHETIC:
+        return []
+    return load_split(dataset, dataset.get("split", "test"), None, seed)
+
+
 def calibration_problems(dataset: dict, calibration: dict, seed: int) -> list[dict]:
     """The calibration problems then the held-out ones (format: problems)."""
     return load_split(stage_dataset(dataset, calibration), calibration.get("split", "train"),
