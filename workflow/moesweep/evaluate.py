@@ -39,7 +39,8 @@ def hardware_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'' if n == 1 else 's'})"
 
 
 FAST_MODEL_TYPES = ("qwen3_moe",)  # the fast engine drives Qwen3-MoE's modules (q/k norms, rotary, fused experts)
