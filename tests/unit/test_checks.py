@@ -180,3 +180,15 @@ def test_run_name(cfg, name):
     from moesweep.checks import run_name
 
     assert run_name(cfg) == name
+
+
+def test_fixed_pool_larger_than_a_local_train_file_is_refused_at_dag_time(tmp_path, random_checkpoint):
+    test, train = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    test.write_text(json.dumps({"question": "q0?", "answer": "#### 1"}) + "\n")
+    train.write_text("".join(json.dumps({"question": f"t{i}?", "answer": f"#### {i}"}) + "\n" for i in range(12)))
+    data = {"source": str(test), "fewshot_source": str(train)}
+    with pytest.raises(ConfigError, match=r"dataset.fewshot_pool 1000: .* has 12; allowed: 1..12"):
+        check_config(config(random_checkpoint, dataset=data, prompt={"preset": "lmeval_gsm8k_fixed"}), NATIVE)
+    # lm-eval's per-question draw uses the whole split: no pool to fill (the leakage check is what stops it next)
+    with pytest.raises(ConfigError, match="set calibration.source and profile.source"):
+        check_config(config(random_checkpoint, dataset=data, prompt={"preset": "lmeval_gsm8k"}), NATIVE)

@@ -264,6 +264,21 @@ def check_fewshot_source(dataset: dict, prompt: dict) -> None:
         raise ConfigError(f"prompt.preset {preset.name!r} draws {preset.n_shots} exemplars from a train split, but "
                           f"dataset.source {source!r} is a local file (one split) and dataset.fewshot_source is not "
                           f"set; set dataset.fewshot_source to a train file (or use a hub id / synthetic)")
+    # A preset drawing one pool (not lm-eval's per-question draw from the whole split) subsamples fewshot_pool
+    # records: a local train file must hold that many, or the evaluate jobs would fail after the expensive stages.
+    pool_source = dataset.get("fewshot_source") or source
+    pool = dataset.get("fewshot_pool", 1000)
+    if not preset.per_question and pool_source != "synthetic" and is_local(pool_source) and Path(pool_source).is_file():
+        from .data.gsm8k import load_gsm8k  # torch-free; only for a local pool file
+
+        try:
+            available = len(load_gsm8k(pool_source, dataset.get("config_name", "main"), dataset.get("fewshot_split", "train")))
+        except ValueError as err:
+            raise ConfigError(f"dataset.fewshot_source {pool_source!r}: {err}") from None
+        if available < pool:
+            raise ConfigError(f"dataset.fewshot_pool {pool}: prompt.preset {preset.name!r} draws its exemplars from "
+                              f"{pool} train problems but dataset.fewshot_source {pool_source!r} has {available}; "
+                              f"allowed: 1..{available}")
 
 
 def check_data_leakage(config: dict) -> None:
